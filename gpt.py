@@ -1,0 +1,313 @@
+"""GPT: a GPT-2-style decoder-only Transformer, its loss and its sampler, in one file.
+
+Reading order: Config and PRESETS, the blocks, the Model (forward = next-token
+cross-entropy), generation with a KV cache, and loading Hugging Face GPT-2 weights.
+The module and parameter names follow GPT-2's own (wte, wpe, h.N.attn.c_attn, ...)
+so that a GPT-2 checkpoint maps onto this model name for name.
+"""
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    block_size: int = 256     # context length in tokens
+    vocab_size: int = 0       # 0: taken from the tokenizer; may be larger (padding), never smaller
+    n_layer: int = 6          # Transformer blocks
+    n_head: int = 6           # attention heads; must divide n_embd
+    n_embd: int = 384         # width of the residual stream
+    dropout: float = 0.0      # dropout on attention weights and residual branches
+    bias: bool = True         # biases in Linear layers and LayerNorms, as GPT-2 has
+
+
+# A preset may set Config fields and train.py's TrainConfig fields (names never clash).
+PRESETS = {
+    # Tuned for 5 minutes on a 2-core CPU with bf16: wide enough to use the matmul
+    # units, shallow enough to take many steps.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.0,
+                 batch_size=32, lr=2e-3, min_lr=2e-4, warmup_iters=50, max_iters=2500,
+                 eval_interval=250, eval_iters=20, weight_decay=0.1),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.0,
+                  batch_size=32, lr=1e-3, min_lr=1e-4, warmup_iters=200, max_iters=5000),
+    # GPT-2 124M. The vocabulary is the gpt2 tokenizer's; use --tokenizer gpt2.
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257,
+                 dropout=0.0, batch_size=12, grad_accum=40, lr=6e-4, min_lr=6e-5,
+                 warmup_iters=2000, max_iters=600000, weight_decay=0.1),
+}
+
+DATA = "pystdlib"
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            # The cache holds keys and values of every earlier position; new ones are
+            # written in place so a step costs O(T), not O(T^2).
+            pos = cache["pos"]
+            cache["k"][:, :, pos:pos + T] = k
+            cache["v"][:, :, pos:pos + T] = v
+            k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
+        # A prefill (T == keys) needs the causal mask; one new token may see every key.
+        causal = k.size(2) == T and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        # GPT-2 was trained with the tanh approximation of GELU; keep it so its weights
+        # give the logits they gave there.
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)  # pre-LayerNorm: the residual stream is never normalised
+        return x + self.mlp(self.ln_2(x))
+
+
+class Model(nn.Module):
+    players = ("model",)
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("vocab_size must be positive (train.py takes it from the tokenizer)")
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+        if min(cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd) <= 0:
+            raise ValueError("block_size, n_layer, n_head and n_embd must be positive")
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each block adds two residual branches, so their output
+        # projections start 1/sqrt(2 * n_layer) smaller to keep the stream's variance flat.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def parameters_of(self, player="model"):
+        return self.parameters()
+
+    def logits(self, idx, caches=None):
+        """idx [B, T] token ids -> logits [B, T, vocab]. With caches, positions continue after them."""
+        B, T = idx.shape
+        start = caches[0]["pos"] if caches else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.block_size})")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.h):
+            x = block(x, caches[i] if caches else None)
+        if caches:
+            for c in caches:
+                c["pos"] += T
+        return self.lm_head(self.ln_f(x))
+
+    def forward(self, x, y=None, player="model"):
+        """Next-token cross-entropy in nats per token. Without y, x predicts itself shifted by one."""
+        if y is None:
+            x, y = x[:, :-1], x[:, 1:]
+        logits = _at_least_fp32(self.logits(x))  # bf16 logits would round the loss
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        return loss, {}
+
+    @torch.no_grad()
+    def nll(self, x, y=None):
+        """Nats of every predicted token, [B, T]: -log p(y_t | x_<=t)."""
+        if y is None:
+            x, y = x[:, :-1], x[:, 1:]
+        logits = _at_least_fp32(self.logits(x))
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+
+    # ---- sampling ---------------------------------------------------------------
+
+    def new_cache(self, batch_size, device, dtype):
+        shape = (batch_size, self.cfg.n_head, self.cfg.block_size, self.cfg.n_embd // self.cfg.n_head)
+        return [dict(k=torch.empty(shape, device=device, dtype=dtype),
+                     v=torch.empty(shape, device=device, dtype=dtype), pos=0) for _ in self.h]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, generator=None):
+        """Extend idx [B, T] by max_new_tokens sampled tokens.
+
+        temperature 0 is greedy decoding. top_k keeps the k most likely tokens (and any
+        tied with the k-th); top_p keeps the smallest set of most likely tokens whose
+        probability reaches p. With use_cache, keys and values of the context are kept;
+        once the sequence outgrows block_size the window slides, positions shift, and
+        the cache is rebuilt from the cropped window, so both paths give the same tokens.
+        """
+        caches = None
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.cfg.block_size:]
+            if not use_cache:
+                logits = self.logits(window)
+            elif caches is not None and caches[0]["pos"] < self.cfg.block_size:
+                logits = self.logits(idx[:, -1:], caches)   # one new token against the cache
+            else:  # first step, or the window slid: (re)fill the cache from the window
+                dtype = self.wte.weight.dtype
+                if torch.is_autocast_enabled(idx.device.type):
+                    dtype = torch.get_autocast_dtype(idx.device.type)
+                caches = self.new_cache(idx.size(0), idx.device, dtype)
+                logits = self.logits(window, caches)
+            nxt = sample_next(_at_least_fp32(logits[:, -1, :]), temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+    @torch.no_grad()
+    def sample(self, n, y=None, prompt=None, max_new_tokens=256, **kw):
+        """n sequences of token ids; prompt is a list of ids to start from (default: token 0)."""
+        device = self.wte.weight.device
+        start = torch.tensor([prompt or [0]] * n, dtype=torch.long, device=device)
+        return self.generate(start, max_new_tokens, **kw)
+
+    # ---- GPT-2 weights ----------------------------------------------------------
+
+    @classmethod
+    def from_gpt2(cls, state_dict_or_path, n_head=None, dropout=0.0):
+        """A Model holding Hugging Face GPT-2 weights, without importing transformers.
+
+        Takes a state dict, a `model.safetensors` or `pytorch_model.bin` file, or a folder
+        with one of them (and config.json, which gives n_head). Without a config, n_head
+        is n_embd // 64, true of every released GPT-2 size.
+        """
+        sd, hf_cfg = state_dict_or_path, {}
+        if isinstance(sd, (str, os.PathLike)):
+            sd, hf_cfg = _read_gpt2_files(os.fspath(sd))
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if "wte.weight" not in sd:
+            raise ValueError("not a GPT-2 state dict: no 'wte.weight' (or 'transformer.wte.weight')")
+        vocab, n_embd = sd["wte.weight"].shape
+        n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
+        cfg = Config(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab, n_layer=n_layer,
+                     n_head=n_head or hf_cfg.get("n_head") or n_embd // 64, n_embd=n_embd,
+                     dropout=dropout, bias=True)
+        model = cls(cfg)
+        # GPT-2 stores its Linear layers as Conv1D, whose weight is [in, out]: transpose.
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        mine = model.state_dict()
+        sd.pop("lm_head.weight", None)  # tied to wte
+        missing = set(mine) - set(sd) - {"lm_head.weight"}
+        unexpected = set(sd) - set(mine)
+        if missing or unexpected:
+            raise ValueError(f"GPT-2 state dict does not fit: missing {sorted(missing)[:4]}, "
+                             f"unexpected {sorted(unexpected)[:4]}")
+        with torch.no_grad():
+            for k, v in sd.items():
+                v = v.t() if k.endswith(conv1d) else v
+                if v.shape != mine[k].shape:
+                    raise ValueError(f"GPT-2 tensor {k} has shape {tuple(v.shape)}, expected {tuple(mine[k].shape)}")
+                mine[k].copy_(v)
+        return model
+
+
+def _at_least_fp32(t):
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of logits [B, V] -> [B, 1]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach p; the first never goes.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def read_safetensors(path):
+    """A safetensors file is an 8-byte little-endian header length, a JSON header
+    naming each tensor's dtype, shape and byte range, then the raw bytes."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        begin, end = meta["data_offsets"]
+        t = torch.frombuffer(bytearray(data[begin:end]), dtype=_SAFETENSORS_DTYPES[meta["dtype"]])
+        out[name] = t.reshape(meta["shape"]).float()
+    return out
+
+
+def _read_gpt2_files(path):
+    cfg = {}
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "config.json")):
+            with open(os.path.join(path, "config.json")) as f:
+                cfg = json.load(f)
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path), cfg
+    return torch.load(path, map_location="cpu", weights_only=True), cfg

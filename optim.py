@@ -1,0 +1,272 @@
+"""
+Optimizers and learning-rate plumbing, written from the formulas.
+
+SGD, Adam and AdamW are drop-in replacements for their torch.optim namesakes: same
+arguments, defaults, validation, state keys and numbers, so state_dicts move freely
+between the two. Updates use torch._foreach_* ops, one call per (device, dtype)
+bucket: on a GPU a Python loop over ~150 tensors would launch ~150x more kernels.
+"""
+
+import math
+from collections import defaultdict
+
+import torch
+
+
+def _buckets(tensors):
+    """Index lists of `tensors` grouped by (device, dtype): the unit one foreach kernel can take."""
+    groups = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    return groups.values()
+
+
+def _params_with_grads(group):
+    """The params of a group that got a gradient this step (others are left untouched)."""
+    params, grads = [], []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("nanogen optimizers do not support sparse gradients")
+        params.append(p)
+        grads.append(p.grad)
+    return params, grads
+
+
+def _run_closure(closure):
+    # step() runs under no_grad, but the closure must be able to call backward().
+    with torch.enable_grad():
+        return closure() if closure is not None else None
+
+
+class SGD(torch.optim.Optimizer):
+    """SGD with optional (Nesterov) momentum, dampening and L2 weight decay, as torch.optim.SGD:
+
+        g = -grad if maximize else grad;  g = g + weight_decay * p
+        buf = g on the first step, else momentum * buf + (1 - dampening) * g
+        g = g + momentum * buf if nesterov else buf      (only when momentum != 0)
+        p = p - lr * g
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = _run_closure(closure)
+        for group in self.param_groups:
+            lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+            params, grads = _params_with_grads(group)
+            for idx in _buckets(params):
+                ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+                # Out-of-place from here on so that p.grad itself is never modified.
+                if group["maximize"]:
+                    gs = torch._foreach_neg(gs)
+                if group["weight_decay"] != 0:
+                    gs = torch._foreach_add(gs, ps, alpha=group["weight_decay"])
+                if momentum != 0:
+                    # A fresh buffer starts as a copy of the gradient (no dampening on
+                    # the first step); existing ones are updated together in one call.
+                    bufs, old_bufs, old_gs = [], [], []
+                    for p, g in zip(ps, gs):
+                        buf = self.state[p].get("momentum_buffer")
+                        if buf is None:
+                            buf = self.state[p]["momentum_buffer"] = g.clone()
+                        else:
+                            old_bufs.append(buf)
+                            old_gs.append(g)
+                        bufs.append(buf)
+                    if old_bufs:
+                        torch._foreach_mul_(old_bufs, momentum)
+                        torch._foreach_add_(old_bufs, old_gs, alpha=1 - dampening)
+                    gs = torch._foreach_add(gs, bufs, alpha=momentum) if group["nesterov"] else bufs
+                torch._foreach_add_(ps, gs, alpha=-lr)
+        return loss
+
+
+class Adam(torch.optim.Optimizer):
+    """Adam (Kingma & Ba) with L2 weight decay folded into the gradient, as torch.optim.Adam.
+
+    With t the per-parameter step count (after incrementing):
+        g = -grad if maximize else grad;  g = g + weight_decay * p     (Adam)
+        p = p * (1 - lr * weight_decay)                                (AdamW, instead)
+        m = beta1 * m + (1 - beta1) * g          (a lerp of m towards g)
+        v = beta2 * v + (1 - beta2) * g * g;     vmax = max(vmax, v) and use vmax if amsgrad
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+
+    decoupled_weight_decay = False  # AdamW flips this; it is a property of the class, not the group
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, maximize=False):
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def _state(self, p, amsgrad):
+        state = self.state[p]
+        if len(state) == 0:
+            # Like torch: "step" is a 0-dim CPU float tensor (reading it back is free,
+            # no device sync) and the moments live next to the parameter.
+            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            state["step"] = torch.tensor(0.0, dtype=dtype)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            # Also covers turning amsgrad on mid-run: max(0, v) = v, so the max starts now.
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = _run_closure(closure)
+        for group in self.param_groups:
+            params, grads = _params_with_grads(group)
+            if not params:
+                continue
+            lr, eps, wd, amsgrad = group["lr"], group["eps"], group["weight_decay"], group["amsgrad"]
+            beta1, beta2 = group["betas"]
+            states = [self._state(p, amsgrad) for p in params]
+            # Steps are counted per parameter: one that had no grad on some step is behind.
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1.0)
+            for idx in _buckets(params):
+                ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+                ms = [states[i]["exp_avg"] for i in idx]
+                vs = [states[i]["exp_avg_sq"] for i in idx]
+                ts = [steps[i].item() for i in idx]  # CPU tensors: no sync
+
+                if group["maximize"]:
+                    gs = torch._foreach_neg(gs)
+                if wd != 0:
+                    if self.decoupled_weight_decay:
+                        torch._foreach_mul_(ps, 1 - lr * wd)
+                    else:
+                        gs = torch._foreach_add(gs, ps, alpha=wd)
+
+                torch._foreach_lerp_(ms, gs, 1 - beta1)
+                torch._foreach_mul_(vs, beta2)
+                torch._foreach_addcmul_(vs, gs, gs, 1 - beta2)
+                if amsgrad:
+                    vmax = [states[i]["max_exp_avg_sq"] for i in idx]
+                    torch._foreach_maximum_(vmax, vs)
+                    vs = vmax
+
+                # Bias corrections are Python floats, one per tensor since step counts
+                # may differ; the same op order as torch keeps the results bit-identical.
+                denom = torch._foreach_sqrt(vs)
+                torch._foreach_div_(denom, [(1 - beta2 ** t) ** 0.5 for t in ts])
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(ps, ms, denom, [-lr / (1 - beta1 ** t) for t in ts])
+        return loss
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): p *= 1 - lr * weight_decay
+    before the Adam update, instead of adding weight_decay * p to the gradient."""
+
+    decoupled_weight_decay = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+
+
+def cosine_lr(step, *, lr, min_lr, warmup_iters, decay_iters):
+    """Learning rate at `step` (0-based): linear warmup, cosine decay, then a floor.
+
+        step <  warmup_iters:               lr * (step + 1) / warmup_iters
+        warmup_iters <= step < decay_iters: min_lr + (lr - min_lr) * (1 + cos(pi * r)) / 2,
+                                            r = (step - warmup_iters) / (decay_iters - warmup_iters)
+        step >= decay_iters:                min_lr
+
+    Warmup starts at lr/warmup_iters (never 0: a zero-lr step is wasted) and reaches lr at
+    step warmup_iters - 1; the cosine starts at lr at step warmup_iters. warmup_iters=0 skips
+    warmup; decay_iters <= warmup_iters means min_lr right after warmup (no division by zero,
+    since the cosine branch is only reached when warmup_iters <= step < decay_iters).
+    """
+    if step < warmup_iters:
+        return lr * (step + 1) / warmup_iters
+    if step >= decay_iters:
+        return min_lr
+    ratio = (step - warmup_iters) / (decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm, foreach=True):
+    """Scale grads in place so their global L2 norm is at most max_norm; return the norm.
+
+    The norm (a 0-dim tensor, accumulated in at least fp32) is returned without .item(), so
+    no host-device sync happens here. The scale min(1, max_norm / (norm + 1e-6)) is applied
+    unconditionally with tensor ops for the same reason (an `if norm > max_norm` would sync).
+    A non-finite norm is returned as is and the grads become non-finite; the caller decides.
+    """
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    # fp32 accumulation for half/bf16 grads, but do not throw away fp64 precision.
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    norms = []
+    for idx in _buckets(grads):
+        gs = [grads[i] for i in idx]
+        if foreach:
+            norms.extend(torch._foreach_norm(gs, 2, dtype=acc))
+        else:
+            norms.extend(torch.linalg.vector_norm(g, 2, dtype=acc) for g in gs)
+    device = grads[0].device
+    total_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
+    scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for idx in _buckets(grads):
+        gs = [grads[i] for i in idx]
+        if foreach:
+            torch._foreach_mul_(gs, scale.to(gs[0].device))
+        else:
+            for g in gs:
+                g.mul_(scale.to(g.device))
+    return total_norm
+
+
+def weight_decay_groups(model_or_named_params, weight_decay):
+    """Two param groups: tensors with dim >= 2 (matmul weights, embeddings) get weight decay,
+    the rest (biases, norm gains) get none -- decaying those just fights the normalization.
+
+    Accepts an nn.Module or an iterable of (name, param). Params with requires_grad=False are
+    left out, and a tensor reachable under two names (tied weights) appears once.
+    """
+    if isinstance(model_or_named_params, torch.nn.Module):
+        named = model_or_named_params.named_parameters()
+    else:
+        named = model_or_named_params
+    decay, no_decay, seen = [], [], set()
+    for _, p in named:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]

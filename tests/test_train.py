@@ -1,0 +1,212 @@
+"""train.py and sample.py end to end, on a tiny GPT and a small text file made here."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--eval-iters", "1", "--log-interval", "1", "--sample-tokens", "8", "--dtype", "fp32"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "None", "(", ")", ":"]
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[i] for i in torch.randint(0, len(words), (20000,), generator=g).tolist())
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def args(tmp_path, corpus, out, *extra):
+    return ["--data", corpus, "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / out), *TINY, *extra]
+
+
+def losses(tmp_path, out):
+    recs = [json.loads(l) for l in open(tmp_path / out / "log.jsonl")]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def params(tmp_path, out):
+    return torch.load(tmp_path / out / "ckpt.pt", weights_only=True)["model"]
+
+
+def cli(*argv, script="train.py", **kw):
+    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_micro_batches_equal_one_big_batch(tmp_path, corpus):
+    common = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2"]
+    assert train.main(args(tmp_path, corpus, "big", *common, "--batch-size", "8")) == 0
+    assert train.main(args(tmp_path, corpus, "acc", *common, "--batch-size", "2", "--grad-accum", "4")) == 0
+    a, b = losses(tmp_path, "big"), losses(tmp_path, "acc")
+    assert sorted(a) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-6
+    pa, pb = params(tmp_path, "big"), params(tmp_path, "acc")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-6, rtol=0)
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    # dropout on, so the restored RNG state matters too
+    common = ["--eval-interval", "3", "--lr-decay-iters", "8", "--dropout", "0.1", "--batch-size", "4"]
+    assert train.main(args(tmp_path, corpus, "whole", *common, "--max-iters", "8")) == 0
+    assert train.main(args(tmp_path, corpus, "parts", *common, "--max-iters", "5")) == 0
+    assert train.main(args(tmp_path, corpus, "parts", *common, "--max-iters", "8", "--resume")) == 0
+    a, b = losses(tmp_path, "whole"), losses(tmp_path, "parts")
+    assert sorted(b) == list(range(1, 9))
+    assert a == b  # bit for bit
+    pa, pb = params(tmp_path, "whole"), params(tmp_path, "parts")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    ck = torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 8 and "module." not in "".join(ck["model"])
+    assert os.path.exists(tmp_path / "parts" / "best.pt")
+
+
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, corpus):
+    common = ["--max-iters", "3", "--eval-interval", "3", "--batch-size", "4"]
+    assert train.main(args(tmp_path, corpus, "one", *common, "--grad-accum", "2")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train.py", *args(tmp_path, corpus, "two", *common)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout
+    a, b = losses(tmp_path, "one"), losses(tmp_path, "two")
+    assert sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5
+    pa, pb = params(tmp_path, "one"), params(tmp_path, "two")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=0)
+
+
+def test_bf16_path_trains(tmp_path, corpus):
+    assert train.main(args(tmp_path, corpus, "bf", "--dtype", "bf16", "--max-iters", "30", "--eval-interval", "30",
+                           "--batch-size", "8", "--lr", "3e-3", "--warmup-iters", "5")) == 0
+    log = losses(tmp_path, "bf")
+    assert log[30] < log[1] - 0.5, log
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path, corpus):
+    a = args(tmp_path, corpus, "sig", "--max-iters", "100000", "--eval-interval", "100000", "--batch-size", "4")
+    p = subprocess.Popen([sys.executable, "train.py", *a], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(tmp_path / "sig" / "log.jsonl")
+                                          and len(losses(tmp_path, "sig")) >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by signal" in out
+    ck = torch.load(tmp_path / "sig" / "ckpt.pt", weights_only=True)
+    assert ck["step"] >= 3
+    assert train.main([*a, "--resume", "--max-iters", str(ck["step"] + 2)]) == 0
+    assert max(losses(tmp_path, "sig")) == ck["step"] + 2
+
+
+def test_nonfinite_loss_stops_with_the_step_named(tmp_path, corpus):
+    fork = tmp_path / "nangpt.py"
+    fork.write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom gpt import *\nimport gpt\n\n"
+        "class Model(gpt.Model):\n"
+        "    calls = 0\n"
+        "    def forward(self, x, y=None, player='model'):\n"
+        "        loss, logs = super().forward(x, y)\n"
+        "        if self.training:\n"
+        "            Model.calls += 1\n"
+        "            if Model.calls > 6:\n"
+        "                loss = loss * float('nan')\n"
+        "        return loss, logs\n" % ROOT)
+    r = cli("--model", str(fork), *args(tmp_path, corpus, "nan", "--max-iters", "20", "--eval-interval", "5",
+                                          "--log-interval", "3"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "not finite at step 6" in r.stderr
+    ck = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--n-layr", "3"], "unrecognized arguments: --n-layr"),
+    (["--lr", "abc"], "--lr: invalid value 'abc'"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    (["--preset", "huge"], "--preset huge: unknown"),
+    (["--model", "nosuchmodel"], "not a model of this project"),
+    (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["--dtype", "fp8"], "--dtype fp8"),
+])
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, argv, says):
+    r = cli(*argv, "--out-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path / "d"), "--max-iters", "1")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert says in lines[0]
+
+
+def test_truncated_checkpoint_gets_one_line(tmp_path, corpus):
+    assert train.main(args(tmp_path, corpus, "ok", "--max-iters", "2", "--eval-interval", "2")) == 0
+    path = tmp_path / "ok" / "ckpt.pt"
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    for r in (cli("--ckpt", str(path), script="sample.py"),
+              cli(*args(tmp_path, corpus, "ok", "--resume"))):
+        assert r.returncode == 2
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert str(path) in r.stderr and "not a readable" in r.stderr
+
+
+def test_sample_prints_text_and_refuses_a_long_prompt(tmp_path, corpus):
+    assert train.main(args(tmp_path, corpus, "s", "--max-iters", "2", "--eval-interval", "2")) == 0
+    ck = str(tmp_path / "s" / "ckpt.pt")
+    r = cli("--ckpt", ck, "--prompt", "def ", "--max-new-tokens", "20", "--top-k", "5", "--top-p", "0.9",
+            script="sample.py")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def ") and len(r.stdout) >= 20
+    r = cli("--ckpt", ck, "--prompt", "x" * 33, script="sample.py")
+    assert r.returncode == 2 and "longer than the model's context of 32" in r.stderr
+
+
+def test_init_from_gpt2_weights(tmp_path, corpus):
+    from test_gpt import fake_gpt2_state_dict
+    torch.save(fake_gpt2_state_dict(vocab=300, ctx=32, n_embd=64), tmp_path / "pytorch_model.bin")
+    a = args(tmp_path, corpus, "ft", "--max-iters", "2", "--eval-interval", "2",
+             "--init-from", str(tmp_path / "pytorch_model.bin"))
+    assert train.main(a) == 0
+    ck = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert ck["config"]["model_config"]["vocab_size"] == 300
+    assert ck["config"]["model_config"]["n_embd"] == 64
+    torch.save(fake_gpt2_state_dict(vocab=100, ctx=32), tmp_path / "small.bin")
+    r = cli(*args(tmp_path, corpus, "ft2", "--init-from", str(tmp_path / "small.bin")))
+    assert r.returncode == 2 and "--tokenizer gpt2" in r.stderr
+
+
+def test_help_names_every_flag():
+    r = cli("--help")
+    assert r.returncode == 0
+    for flag in ["--batch-size", "--grad-accum", "--max-time", "--dtype", "--compile", "--resume",
+                 "--init-from", "--n-layer", "--n-embd", "--block-size", "--tokenizer", "--preset"]:
+        assert flag in r.stdout
+    assert "presets: tiny, small, gpt2" in r.stdout
+
+
+def test_readme_quickstart_runs_a_few_steps(tmp_path):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    cmd = re.search(r"^(?:.*&& )?(python train\.py[^\n]*)$", readme, flags=re.M).group(1)
+    extra = ["--max-iters", "2", "--eval-iters", "1", "--sample-tokens", "10", "--batch-size", "4",
+             "--out-dir", str(tmp_path / "q"), "--data-dir", str(tmp_path / "d")]
+    r = cli(*cmd.split()[2:], *extra)
+    assert r.returncode == 0, r.stderr
+    assert "val" in r.stdout and os.path.exists(tmp_path / "q" / "ckpt.pt")

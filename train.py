@@ -1,0 +1,634 @@
+"""The one training loop, for every model.
+
+    python train.py --model gpt --preset tiny
+    torchrun --standalone --nproc_per_node 2 train.py --model gpt --preset tiny
+
+A model is a module (gpt, diffusion, ...) or a path to a .py file that follows the
+model contract in DESIGN.md. Every field of TrainConfig below and of the model's
+Config is a flag (n_layer -> --n-layer); a preset sets several at once; flags given on
+the command line win over the preset, which wins over the defaults.
+
+The loop, per step: for each player (one for most models; discriminator then
+generator for a GAN), grad_accum micro-batches forward and backward, gradients
+all-reduced once under DDP, unscaled, clipped, and one optimizer step.
+"""
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import data
+import optim
+
+
+@dataclass
+class TrainConfig:
+    model: str = "gpt"              # model module name or path to a .py file
+    preset: str = ""                # named overrides from the model's PRESETS
+    data: str = ""                  # dataset name or path; default: the model's DATA
+    data_dir: str = "data"          # downloads and token caches
+    tokenizer: str = "bytes"        # text only: bytes, or a tiktoken encoding (gpt2, cl100k_base, ...)
+    out_dir: str = ""               # checkpoints, logs, samples; default: out/<model>
+    init_from: str = ""             # GPT-2 weights (model.safetensors, pytorch_model.bin or their folder) to fine-tune
+    resume: bool = False            # continue exactly from <out_dir>/ckpt.pt
+    batch_size: int = 32            # examples per micro-batch per process
+    grad_accum: int = 1             # micro-batches per optimizer step, per process
+    max_iters: int = 2000           # optimizer steps
+    max_time: float = 0.0           # wall-clock budget in seconds (0: none); the run stops, evaluates and saves
+    optimizer: str = "adamw"        # adamw, adam or sgd (from optim.py)
+    lr: float = 1e-3                # peak learning rate
+    min_lr: float = 1e-4            # floor of the cosine decay
+    warmup_iters: int = 100         # linear warmup steps
+    lr_decay_iters: int = 0         # step at which the cosine reaches min_lr (0: max_iters)
+    weight_decay: float = 0.1       # applied to tensors of 2+ dimensions only
+    beta1: float = 0.9              # Adam beta1; SGD momentum
+    beta2: float = 0.95             # Adam beta2
+    grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
+    device: str = "auto"            # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"             # auto, bf16, fp16, fp32 (auto: bf16 where supported, else fp32)
+    compile: bool = False           # torch.compile the model
+    seed: int = 1337                # seeds model init, data order and sampling
+    eval_interval: int = 250        # evaluate, sample and checkpoint every this many steps
+    eval_iters: int = 20            # batches per split per process in an evaluation
+    log_interval: int = 10          # a console and log line every this many steps
+    sample_tokens: int = 300        # text: tokens to generate at each evaluation
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+# ---- models and flags -----------------------------------------------------------
+
+def load_module(name):
+    if name.endswith(".py"):
+        if not os.path.isfile(name):
+            raise UsageError(f"--model {name}: no such file")
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(name))[0], name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or \
+                not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")):
+            raise UsageError(f"--model {name}: not a model of this project (gpt, ...) nor a path to a .py file")
+        module = importlib.import_module(name)
+    for attr in ("Config", "Model", "PRESETS"):
+        if not hasattr(module, attr):
+            raise UsageError(f"--model {name}: the module defines no {attr} (see DESIGN.md, the model contract)")
+    return module
+
+
+def field_help(cls):
+    """Each field's trailing comment in the source is its --help text."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, flags=re.M))
+
+
+def parse_value(text, typ, default):
+    if typ is bool or isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError
+    if isinstance(default, tuple):
+        return tuple(type(default[0])(v) for v in text.split(",") if v) if default else tuple(text.split(","))
+    return type(default)(text)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_fields(parser, cls, title):
+    group = parser.add_argument_group(title)
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        doc = f"{helps.get(f.name, '')} (default: {f.default})"
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=doc)
+        else:
+            def conv(text, f=f):
+                try:
+                    return parse_value(text, f.type, f.default)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"invalid value {text!r}")
+            conv.__name__ = type(f.default).__name__
+            group.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS,
+                               metavar=type(f.default).__name__.upper(), help=doc)
+
+
+def parse_args(argv):
+    """-> (model module, TrainConfig, model Config, names set explicitly on the command line)."""
+    pre = Parser(add_help=False)
+    pre.add_argument("--model", default="gpt")
+    pre.add_argument("--preset", default="")
+    known, _ = pre.parse_known_args(argv)
+    module = load_module(known.model)
+    parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0])
+    add_fields(parser, TrainConfig, "training")
+    add_fields(parser, module.Config, f"model ({known.model}); presets: {', '.join(module.PRESETS) or 'none'}")
+    given = vars(parser.parse_args(argv))
+    tcfg, mcfg = TrainConfig(), module.Config()
+    if known.preset:
+        if known.preset not in module.PRESETS:
+            raise UsageError(f"--preset {known.preset}: unknown; {known.model} has {', '.join(module.PRESETS)}")
+        apply(tcfg, mcfg, module.PRESETS[known.preset])
+    apply(tcfg, mcfg, given)
+    return module, tcfg, mcfg, set(given) | set(module.PRESETS.get(known.preset, {}))
+
+
+def apply(tcfg, mcfg, overrides):
+    for k, v in overrides.items():
+        target = tcfg if hasattr(tcfg, k) else mcfg if hasattr(mcfg, k) else None
+        if target is None:
+            raise UsageError(f"unknown setting {k!r}")
+        setattr(target, k, v)
+
+
+def check(tcfg):
+    if tcfg.lr <= 0 or tcfg.min_lr < 0:
+        raise UsageError(f"--lr must be > 0 and --min-lr >= 0 (got {tcfg.lr}, {tcfg.min_lr})")
+    for name in ("batch_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
+        if getattr(tcfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer (got {getattr(tcfg, name)})")
+    if tcfg.max_iters < 0 or tcfg.max_time < 0 or tcfg.warmup_iters < 0 or tcfg.grad_clip < 0:
+        raise UsageError("--max-iters, --max-time, --warmup-iters and --grad-clip must not be negative")
+    if tcfg.optimizer not in ("adamw", "adam", "sgd"):
+        raise UsageError(f"--optimizer {tcfg.optimizer}: choose adamw, adam or sgd")
+    if tcfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise UsageError(f"--dtype {tcfg.dtype}: choose auto, bf16, fp16 or fp32")
+
+
+# ---- device, precision, distribution ------------------------------------------------
+
+def pick_device(name, local_rank):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def pick_dtype(name, device):
+    # bf16 pays on a GPU and on CPUs with bf16 matrix units (AMX, AVX512-BF16). Elsewhere
+    # the CPU emulates it and a bf16 matmul runs ~100x slower than fp32 (measured on an
+    # AVX2-only EPYC), so auto picks fp32 there.
+    cpu_bf16 = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            name = "bf16" if cpu_bf16 else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UsageError("--dtype fp16 needs CUDA (its GradScaler); use bf16 or fp32 here")
+    if name == "bf16" and device.type == "cpu" and not cpu_bf16:
+        print("warning: this CPU has no bf16 matrix units (AMX or AVX512-BF16); bf16 runs emulated and "
+              "far slower than fp32 here", file=sys.stderr)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def autocast(device, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def compile_unavailable(device):
+    """Why torch.compile cannot work here, or None."""
+    import shutil
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    try:
+        import torch._dynamo
+        if not torch._dynamo.is_dynamo_supported():
+            return "torch.compile does not support this Python"
+    except Exception as e:
+        return f"torch.compile is unavailable ({type(e).__name__})"
+    if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")) and not shutil.which("c++"):
+        return "no C++ compiler for inductor's CPU kernels (install g++)"
+    return None
+
+
+# ---- checkpoints -------------------------------------------------------------------
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file, fsync, rename: a crash leaves the old file or the new, never half of one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no checkpoint there")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a bad file; the user needs one line
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it holds pickled objects beyond tensors and plain data, refused without running them"
+        raise UsageError(f"{path}: not a readable nanogen checkpoint ({reason})")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise UsageError(f"{path}: not a nanogen checkpoint (no model or config inside)")
+    return ckpt
+
+
+def strip_prefixes(state_dict):
+    """State dict keys without the wrappers' prefixes (DDP's module., compile's _orig_mod.)."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def build_from_checkpoint(ckpt, device="cpu"):
+    """(module, model, TrainConfig, Config) from a checkpoint, for sample.py and the like."""
+    conf = ckpt["config"]
+    module = load_module(conf["model_path"] if os.path.isfile(conf.get("model_path", "")) else conf["model"])
+    mcfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in conf["model_config"].items()})
+    model = module.Model(mcfg)
+    load_state(model, ckpt["model"], conf["model"])
+    tcfg = TrainConfig(**{k: v for k, v in conf["train_config"].items() if hasattr(TrainConfig, k)})
+    return module, model.to(device), tcfg, mcfg
+
+
+def load_state(model, state, name):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = [l.strip() for l in str(e).splitlines() if l.strip()][1:2]
+        raise UsageError(f"checkpoint does not fit this {name} model: {first[0] if first else e}")
+
+
+# ---- the loop -------------------------------------------------------------------------
+
+class Stop:
+    """SIGINT/SIGTERM ask the loop to save and exit after the current step."""
+    signum = 0
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.signum = signum
+
+
+def main(argv=None):
+    module, tcfg, mcfg, given = parse_args(sys.argv[1:] if argv is None else argv)
+    check(tcfg)
+
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(tcfg.device, local_rank)
+    if ddp:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run(module, tcfg, mcfg, given, device, rank, world, ddp)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        if ddp:
+            # Without a barrier before teardown, gloo workers abort at exit now and then.
+            with contextlib.suppress(Exception):
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def run(module, tcfg, mcfg, given, device, rank, world, ddp):
+    master = rank == 0
+    out_dir = tcfg.out_dir or os.path.join("out", os.path.splitext(os.path.basename(tcfg.model))[0])
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    say = print if master else (lambda *a, **k: None)
+
+    ckpt = None
+    if tcfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        conf = ckpt["config"]
+        if os.path.splitext(os.path.basename(conf["model"]))[0] != os.path.splitext(os.path.basename(tcfg.model))[0]:
+            raise UsageError(f"{ckpt_path} holds a {conf['model']} model, not {tcfg.model}")
+        # The checkpoint's settings, except those given again on the command line now.
+        for k, v in conf["train_config"].items():
+            if hasattr(tcfg, k) and k not in given:
+                setattr(tcfg, k, v)
+        for k, v in conf["model_config"].items():
+            if hasattr(mcfg, k):
+                setattr(mcfg, k, tuple(v) if isinstance(v, list) else v)
+        tcfg.resume = True
+        check(tcfg)
+
+    # Data first: it fills the model's data-dependent fields.
+    dataset = tcfg.data or getattr(module, "DATA", "")
+    try:
+        splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir,
+                           block_size=getattr(mcfg, "block_size", 256))
+    except data.DataError as e:
+        raise UsageError(str(e))
+    info = splits["train"].info
+    if info.get("vocab_size") and hasattr(mcfg, "vocab_size"):
+        if mcfg.vocab_size <= 0:
+            mcfg.vocab_size = info["vocab_size"]
+        elif mcfg.vocab_size < info["vocab_size"]:
+            raise UsageError(f"tokenizer {tcfg.tokenizer} has {info['vocab_size']} symbols but the model's "
+                             f"vocab_size is {mcfg.vocab_size}; raise --vocab-size or pick another tokenizer")
+    for k in ("channels", "image_size", "num_classes"):
+        if info.get(k) is not None and hasattr(mcfg, k) and k not in given:
+            setattr(mcfg, k, info[k])
+
+    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
+    if tcfg.init_from:
+        if not hasattr(module.Model, "from_gpt2"):
+            raise UsageError(f"--init-from: {tcfg.model} cannot load GPT-2 weights")
+        if not os.path.exists(tcfg.init_from):
+            raise UsageError(f"--init-from {tcfg.init_from}: no such file or folder")
+        try:
+            model = module.Model.from_gpt2(tcfg.init_from, dropout=getattr(mcfg, "dropout", 0.0))
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--init-from {tcfg.init_from}: {e}")
+        mcfg = model.cfg
+        if mcfg.vocab_size < info["vocab_size"]:
+            raise UsageError(f"GPT-2 weights have {mcfg.vocab_size} tokens, the tokenizer {info['vocab_size']}: "
+                             f"use --tokenizer gpt2")
+    else:
+        try:
+            model = module.Model(mcfg)
+        except ValueError as e:
+            raise UsageError(f"model settings: {e}")
+    model.to(device)
+    dtype = pick_dtype(tcfg.dtype, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # One optimizer per player, weight decay on matrices and embeddings only.
+    optimizers = {}
+    for player in model.players:
+        params = list(model.parameters_of(player))
+        ids = {id(p) for p in params}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+        groups = optim.weight_decay_groups(named, tcfg.weight_decay)
+        if tcfg.optimizer == "sgd":
+            optimizers[player] = optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.beta1)
+        else:
+            cls = optim.AdamW if tcfg.optimizer == "adamw" else optim.Adam
+            optimizers[player] = cls(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+
+    # Each step draws one global batch from a stream seeded alike on every rank; rank r's
+    # micro-step m takes slice r*k + m. So the run depends only on the global batch size:
+    # 2 processes x batch 4 = 1 process x 2 micro-batches of 4 = 1 process x batch 8.
+    k = tcfg.grad_accum
+    stream = torch.Generator().manual_seed(tcfg.seed)
+    start_step, best_val = 0, float("inf")
+    if ckpt is not None:
+        load_state(model, ckpt["model"], tcfg.model)
+        for player, opt in optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][player])
+        scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+        start_step, best_val = ckpt["step"], ckpt["best_val"]
+        stream.set_state(ckpt["data_rng"])
+        rngs = ckpt["rng"]
+        if len(rngs) == world:
+            torch.set_rng_state(rngs[rank]["torch"])
+            if device.type == "cuda" and rngs[rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
+        else:  # the data stream still continues exactly; only dropout noise differs
+            say(f"warning: saved by {len(rngs)} processes, resumed by {world}: per-process RNG states restart")
+        say(f"resumed from {ckpt_path} at step {start_step}")
+
+    raw = model
+    if tcfg.compile:
+        why = compile_unavailable(device)
+        if why:
+            say(f"--compile: {why}; running eager")
+        else:
+            model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if master:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "log.jsonl"), "a"):
+                pass
+        except OSError as e:
+            raise UsageError(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
+
+    conf = dict(model=os.path.splitext(os.path.basename(tcfg.model))[0],
+                model_path=os.path.abspath(tcfg.model) if tcfg.model.endswith(".py") else "",
+                model_config=dataclasses.asdict(mcfg), train_config=dataclasses.asdict(tcfg),
+                data=dict(name=dataset, **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}))
+    n_params = sum(p.numel() for p in raw.parameters())
+    per_step = tcfg.batch_size * k * world
+    unit = "tok" if info["kind"] == "tokens" else "ex"
+    units_per_step = per_step * (info["shape"][0] if unit == "tok" else 1)
+    say(f"{conf['model']}: {n_params / 1e6:.2f}M parameters | data {dataset} ({info['kind']}) | "
+        f"{device} {str(dtype).removeprefix('torch.')} | {world} process(es) x batch {tcfg.batch_size} x "
+        f"accum {k} = {per_step} per step | out {out_dir}")
+
+    def log(record):
+        if master:
+            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def lr_at(step):
+        return optim.cosine_lr(step, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_iters=tcfg.warmup_iters,
+                               decay_iters=tcfg.lr_decay_iters or tcfg.max_iters)
+
+    @torch.no_grad()
+    def evaluate():
+        raw.eval()
+        out = {}
+        for split in ("train", "val"):
+            g = torch.Generator().manual_seed(tcfg.seed * 7919 + rank + (split == "val") * 1_000_003)
+            total = torch.zeros((), device=device)
+            for _ in range(tcfg.eval_iters):
+                x, y = splits[split].batch(tcfg.batch_size, g)
+                with autocast(device, dtype):
+                    loss, _ = raw(x.to(device), y.to(device))
+                total += loss.float()
+            if ddp:
+                dist.all_reduce(total)
+            out[split] = total.item() / (tcfg.eval_iters * world)
+        raw.train()
+        return out
+
+    def write_samples(step):
+        if not master or info["kind"] != "tokens":
+            return
+        tok = data.get_tokenizer(tcfg.tokenizer)
+        prompt = [tok.eot] if tok.eot is not None else tok.encode("\n")
+        g = torch.Generator(device=device).manual_seed(tcfg.seed + step)
+        raw.eval()
+        with autocast(device, dtype):
+            ids = raw.generate(torch.tensor([prompt], device=device), tcfg.sample_tokens,
+                               temperature=0.8, top_k=200, generator=g)
+        raw.train()
+        text = tok.decode(ids[0, len(prompt):].tolist())
+        with open(os.path.join(out_dir, "samples.txt"), "a") as f:
+            f.write(f"=== step {step} ===\n{text}\n")
+        say("-" * 60 + "\n" + text[:400] + "\n" + "-" * 60)
+
+    def checkpoint(step, path=ckpt_path):
+        # Every rank's RNG states, so each one continues exactly where it stopped.
+        mine = dict(torch=torch.get_rng_state(),
+                    cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        rngs = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, mine)
+        else:
+            rngs = [mine]
+        if master:
+            save_checkpoint(dict(model=strip_prefixes(raw.state_dict()),
+                                 optimizers={p: o.state_dict() for p, o in optimizers.items()},
+                                 scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                                 step=step, best_val=best_val, config=conf, rng=rngs,
+                                 data_rng=stream.get_state()), path)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, Stop.handler)
+    Stop.signum = 0
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step whose loss was not finite
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    t0 = t_log = time.time()
+    step, stop_reason = start_step, None
+
+    while True:
+        last = step >= tcfg.max_iters or stop_reason is not None
+        if (step % tcfg.eval_interval == 0 or last) and not (ckpt is not None and step == start_step):
+            if bad_step.item() >= 0:
+                break
+            losses = evaluate()
+            rec = dict(step=step, train_loss=losses["train"], val_loss=losses["val"], time=time.time() - t0)
+            if "bytes_per_token" in info:
+                rec["val_bpb"] = losses["val"] / math.log(2) / info["bytes_per_token"]
+            say(f"eval step {step}: train {losses['train']:.4f} | val {losses['val']:.4f}"
+                + (f" | val {rec['val_bpb']:.3f} bits/byte" if "val_bpb" in rec else ""))
+            log(rec)
+            improved = losses["val"] < best_val
+            best_val = min(best_val, losses["val"])
+            if step > 0:
+                checkpoint(step)
+                if improved and master:
+                    # A hard link renamed into place: best.pt is whole or absent, and costs no copy.
+                    best = os.path.join(out_dir, "best.pt")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(best + ".tmp")
+                    os.link(ckpt_path, best + ".tmp")
+                    os.replace(best + ".tmp", best)
+            write_samples(step)
+        if last:
+            break
+
+        lr = lr_at(step)
+        for player in raw.players:
+            opt = optimizers[player]
+            for group in opt.param_groups:
+                group["lr"] = lr
+            X, Y = splits["train"].batch(tcfg.batch_size * k * world, stream)
+            for m in range(k):
+                rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
+                x, y = X[rows].to(device, non_blocking=True), Y[rows].to(device, non_blocking=True)
+                # All-reduce gradients only on the last micro-step.
+                sync = contextlib.nullcontext() if (not ddp or m == k - 1) else model.no_sync()
+                with sync:
+                    with autocast(device, dtype):
+                        loss, _ = model(x, y, player=player)
+                    scaler.scale(loss / k).backward()
+                loss_sum += loss.detach().float() / k
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step, bad_step)
+            if tcfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                optim.clip_grad_norm_(raw.parameters_of(player), tcfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        loss_n += 1
+        step += 1
+
+        if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
+            if bad_step.item() >= 0:
+                break
+            dt = time.time() - t_log
+            t_log = time.time()
+            mean = loss_sum.item() / loss_n
+            speed = loss_n * units_per_step / dt
+            eta = (tcfg.max_iters - step) * dt / loss_n
+            if tcfg.max_time:
+                eta = min(eta, max(0.0, tcfg.max_time - (time.time() - t0)))
+            say(f"step {step} | loss {mean:.4f} | lr {lr:.2e} | {speed / 1e3:.1f}k {unit}/s | ETA {eta / 60:.1f}m")
+            log(dict(step=step, loss=mean, lr=lr, **{f"{unit}_per_s": speed}, time=time.time() - t0))
+            loss_sum.zero_()
+            loss_n = 0
+            # Stop decisions are taken together, here, so no rank waits on another forever.
+            stop = torch.tensor([Stop.signum, tcfg.max_time > 0 and time.time() - t0 > tcfg.max_time],
+                                dtype=torch.float64)
+            if ddp:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop[0] > 0:
+                checkpoint(step)
+                say(f"stopped by signal {int(stop[0])} at step {step}; saved {ckpt_path} (resume with --resume)")
+                return 128 + int(stop[0])
+            if stop[1] > 0:
+                stop_reason = "max_time"
+                say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
+        elif not ddp and Stop.signum:
+            checkpoint(step)
+            say(f"stopped by signal {Stop.signum} at step {step}; saved {ckpt_path} (resume with --resume)")
+            return 128 + Stop.signum
+
+    if bad_step.item() >= 0:
+        raise UsageError(f"loss is not finite at step {bad_step.item()}; stopped, the last good checkpoint "
+                         f"{ckpt_path} is kept (lower --lr, or try --dtype fp32)")
+    return 0
+
+
+def cli():
+    try:
+        code = main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()
