@@ -41,7 +41,8 @@ class ByteTokenizer:
 
     def decode(self, ids):
         # a window can start or end in the middle of a multi-byte character
-        return bytes(ids).decode("utf-8", errors="replace")
+        # a model with a padded vocabulary can emit ids past 255: they carry no byte
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def encode_doc(self, text):
         # documents are concatenated exactly as they are, with no separator: the
@@ -61,7 +62,7 @@ class TiktokenTokenizer:
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        return self.enc.decode([i for i in ids if i < self.vocab_size])  # padded vocabularies
 
     def encode_doc(self, text):
         return np.array(self.enc.encode_ordinary(text) + [self.eot], dtype=np.uint32)

@@ -106,10 +106,10 @@ class Model(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("vocab_size must be positive (train.py takes it from the tokenizer)")
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
         if min(cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd) <= 0:
             raise ValueError("block_size, n_layer, n_head and n_embd must be positive")
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
         self.cfg = cfg
@@ -230,7 +230,7 @@ class Model(nn.Module):
         vocab, n_embd = sd["wte.weight"].shape
         n_layer = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("h."))
         cfg = Config(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab, n_layer=n_layer,
-                     n_head=n_head or hf_cfg.get("n_head") or n_embd // 64, n_embd=n_embd,
+                     n_head=n_head or hf_cfg.get("n_head") or max(1, n_embd // 64), n_embd=n_embd,
                      dropout=dropout, bias=True)
         model = cls(cfg)
         # GPT-2 stores its Linear layers as Conv1D, whose weight is [in, out]: transpose.

@@ -44,6 +44,7 @@ class TrainConfig:
     out_dir: str = ""               # checkpoints, logs, samples; default: out/<model>
     init_from: str = ""             # GPT-2 weights (model.safetensors, pytorch_model.bin or their folder) to fine-tune
     resume: bool = False            # continue exactly from <out_dir>/ckpt.pt
+    overwrite: bool = False         # start afresh even though <out_dir>/ckpt.pt exists (it will be replaced)
     batch_size: int = 32            # examples per micro-batch per process
     grad_accum: int = 1             # micro-batches per optimizer step, per process
     max_iters: int = 2000           # optimizer steps
@@ -353,10 +354,17 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             if hasattr(tcfg, k) and k not in given:
                 setattr(tcfg, k, v)
         for k, v in conf["model_config"].items():
+            v = tuple(v) if isinstance(v, list) else v
+            if k in given and hasattr(mcfg, k) and getattr(mcfg, k) != v:
+                raise UsageError(f"--{k.replace('_', '-')} {getattr(mcfg, k)} differs from the checkpoint's {v}; "
+                                 f"drop the flag to resume, or train afresh in another --out-dir")
             if hasattr(mcfg, k):
-                setattr(mcfg, k, tuple(v) if isinstance(v, list) else v)
+                setattr(mcfg, k, v)
         tcfg.resume = True
         check(tcfg)
+    elif os.path.exists(ckpt_path) and not tcfg.overwrite:
+        raise UsageError(f"{ckpt_path} exists: add --resume to continue that run, --overwrite to replace it, "
+                         f"or choose another --out-dir")
 
     # Data first: it fills the model's data-dependent fields.
     dataset = tcfg.data or getattr(module, "DATA", "")
@@ -377,7 +385,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             setattr(mcfg, k, info[k])
 
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
-    if tcfg.init_from:
+    if tcfg.init_from and ckpt is None:
         if not hasattr(module.Model, "from_gpt2"):
             raise UsageError(f"--init-from: {tcfg.model} cannot load GPT-2 weights")
         if not os.path.exists(tcfg.init_from):
@@ -447,7 +455,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     if master:
         try:
             os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "log.jsonl"), "a"):
+            with open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt is not None else "w"):
                 pass
         except OSError as e:
             raise UsageError(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
@@ -469,9 +477,16 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    # The cosine ends at --lr-decay-iters (default --max-iters). Under --max-time it ends
+    # when the budget does instead, re-estimated from the measured step time at each log
+    # line, so a 5-minute run is annealed at 5 minutes, not cut off at a high LR.
+    horizon = tcfg.lr_decay_iters or tcfg.max_iters
+    if ckpt is not None and tcfg.max_time and ckpt.get("horizon"):
+        horizon = ckpt["horizon"]
+
     def lr_at(step):
         return optim.cosine_lr(step, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_iters=tcfg.warmup_iters,
-                               decay_iters=tcfg.lr_decay_iters or tcfg.max_iters)
+                               decay_iters=horizon)
 
     @torch.no_grad()
     def evaluate():
@@ -521,7 +536,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                                  optimizers={p: o.state_dict() for p, o in optimizers.items()},
                                  scaler=scaler.state_dict() if scaler.is_enabled() else None,
                                  step=step, best_val=best_val, config=conf, rng=rngs,
-                                 data_rng=stream.get_state()), path)
+                                 data_rng=stream.get_state(), horizon=horizon), path)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, Stop.handler)
@@ -587,6 +602,9 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
             if bad_step.item() >= 0:
                 break
+            if ddp:  # the logged loss is the global batch's, not rank 0's share
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
             dt = time.time() - t_log
             t_log = time.time()
             mean = loss_sum.item() / loss_n
@@ -599,10 +617,14 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             loss_sum.zero_()
             loss_n = 0
             # Stop decisions are taken together, here, so no rank waits on another forever.
-            stop = torch.tensor([Stop.signum, tcfg.max_time > 0 and time.time() - t0 > tcfg.max_time],
-                                dtype=torch.float64)
-            if ddp:
+            elapsed = time.time() - t0
+            steps_left = (tcfg.max_time - elapsed) * (step - start_step) / max(elapsed, 1e-9)
+            stop = torch.tensor([Stop.signum, tcfg.max_time > 0 and elapsed > tcfg.max_time,
+                                 -(step + steps_left)], dtype=torch.float64)
+            if ddp:  # MAX of the negated estimate: every rank takes the same, earliest end
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if tcfg.max_time:
+                horizon = max(step, min(tcfg.lr_decay_iters or tcfg.max_iters, int(-stop[2])))
             if stop[0] > 0:
                 checkpoint(step)
                 say(f"stopped by signal {int(stop[0])} at step {step}; saved {ckpt_path} (resume with --resume)")
