@@ -169,27 +169,41 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def write_tokens(path, tokens, meta):
-    """Write atomically: build a temp file next to path, fsync it, rename it over
-    path. A reader sees the old file or the new one, never half of one; under
-    torchrun every rank may do this at once and the last rename wins."""
-    tokens = np.ascontiguousarray(tokens, dtype=token_dtype(meta["vocab_size"]))
-    head = json.dumps({**meta, "version": FORMAT_VERSION, "dtype": tokens.dtype.name,
-                       "num_tokens": len(tokens)}).encode()
-    start = len(MAGIC) + 4 + len(head)
-    pad = -start % ALIGN  # aligned so the memmap'd array starts on a clean boundary
+def atomic_write(path, write):
+    """Call write(file) on a temp file next to path, fsync it, rename it over path.
+    A reader sees the old file or the new one, never half of one, even if this
+    process is killed midway; when several processes write at once the last rename
+    wins. train.py writes its checkpoints through here too."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.{os.urandom(4).hex()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(MAGIC + len(head).to_bytes(4, "little") + head + b"\0" * pad)
-            f.write(tokens.tobytes())
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dirfd)  # make the rename itself durable
+    finally:
+        os.close(dirfd)
+
+
+def write_tokens(path, tokens, meta):
+    """Header and tokens, written atomically (see atomic_write)."""
+    tokens = np.ascontiguousarray(tokens, dtype=token_dtype(meta["vocab_size"]))
+    head = json.dumps({**meta, "version": FORMAT_VERSION, "dtype": tokens.dtype.name,
+                       "num_tokens": len(tokens)}).encode()
+    start = len(MAGIC) + 4 + len(head)
+    pad = -start % ALIGN  # aligned so the memmap'd array starts on a clean boundary
+
+    def write(f):
+        f.write(MAGIC + len(head).to_bytes(4, "little") + head + b"\0" * pad)
+        f.write(tokens.tobytes())
+    atomic_write(path, write)
 
 
 def read_tokens(path, expect):

@@ -243,22 +243,8 @@ def compile_unavailable(device):
 # ---- checkpoints -------------------------------------------------------------------
 
 def save_checkpoint(obj, path):
-    """Write to a temporary file, fsync, rename: a crash leaves the old file or the new, never half of one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    """Atomic: a crash leaves the old checkpoint or the new one, never half of one."""
+    data.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path):
@@ -632,10 +618,14 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             if stop[1] > 0:
                 stop_reason = "max_time"
                 say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
-        elif not ddp and Stop.signum:
-            checkpoint(step)
-            say(f"stopped by signal {Stop.signum} at step {step}; saved {ckpt_path} (resume with --resume)")
-            return 128 + Stop.signum
+        elif not ddp:  # one process: nobody to agree with, so look every step
+            if Stop.signum:
+                checkpoint(step)
+                say(f"stopped by signal {Stop.signum} at step {step}; saved {ckpt_path} (resume with --resume)")
+                return 128 + Stop.signum
+            if tcfg.max_time and time.time() - t0 > tcfg.max_time:
+                stop_reason = "max_time"
+                say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
 
     if bad_step.item() >= 0:
         raise UsageError(f"loss is not finite at step {bad_step.item()}; stopped, the last good checkpoint "
