@@ -138,10 +138,18 @@ class Model(nn.Module):
     def parameters_of(self, player="model"):
         return self.parameters()
 
+    def crop_block_size(self, block_size):
+        """Keep the first block_size positions, e.g. to fine-tune GPT-2 on shorter context."""
+        assert 0 < block_size <= self.cfg.block_size
+        self.cfg.block_size = block_size
+        self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
+
     def logits(self, idx, caches=None):
         """idx [B, T] token ids -> logits [B, T, vocab]. With caches, positions continue after them."""
         B, T = idx.shape
         start = caches[0]["pos"] if caches else 0
+        if start > 0 and T > 1:  # the attention mask below covers a prefill or one new token
+            raise ValueError("with a filled cache, feed one token at a time")
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.block_size})")
         pos = torch.arange(start, start + T, device=idx.device)
@@ -258,6 +266,8 @@ def _at_least_fp32(t):
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token id per row of logits [B, V] -> [B, 1]."""
+    if top_k is not None and top_k <= 0 or top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_k must be positive and top_p in (0, 1], got {top_k}, {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -275,7 +285,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, 1, generator=generator)
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "U8": torch.uint8, "BOOL": torch.bool, "I64": torch.int64}
 
 
 def read_safetensors(path):
@@ -292,8 +303,13 @@ def read_safetensors(path):
         if meta["dtype"] not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
         begin, end = meta["data_offsets"]
-        t = torch.frombuffer(bytearray(data[begin:end]), dtype=_SAFETENSORS_DTYPES[meta["dtype"]])
-        out[name] = t.reshape(meta["shape"]).float()
+        if not 0 <= begin <= end <= len(data):
+            raise ValueError(f"{path}: tensor {name} lies outside the file (truncated?)")
+        dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+        raw = bytearray(data[begin:end])
+        t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        t = t.reshape(meta["shape"])
+        out[name] = t.float() if t.is_floating_point() else t  # masks (attn.bias) stay as they are
     return out
 
 

@@ -27,9 +27,9 @@ def main(argv=None):
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (slower, same tokens)")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32 (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="(default: %(default)s)")
     args = p.parse_args(argv)
-    if args.num_samples <= 0 or args.max_new_tokens < 0 or args.temperature < 0:
+    if args.num_samples <= 0 or args.max_new_tokens < 0 or not args.temperature >= 0:
         raise train.UsageError("--num-samples must be positive, --max-new-tokens and --temperature not negative")
     if args.top_k is not None and args.top_k <= 0 or args.top_p is not None and not 0 < args.top_p <= 1:
         raise train.UsageError("--top-k must be positive and --top-p in (0, 1]")

@@ -63,7 +63,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile the model
     seed: int = 1337                # seeds model init, data order and sampling
     eval_interval: int = 250        # evaluate, sample and checkpoint every this many steps
-    eval_iters: int = 20            # batches per split per process in an evaluation
+    eval_iters: int = 20            # global batches per split in an evaluation
     log_interval: int = 10          # a console and log line every this many steps
     sample_tokens: int = 300        # text: tokens to generate at each evaluation
 
@@ -155,7 +155,7 @@ def parse_args(argv):
             raise UsageError(f"--preset {known.preset}: unknown; {known.model} has {', '.join(module.PRESETS)}")
         apply(tcfg, mcfg, module.PRESETS[known.preset])
     apply(tcfg, mcfg, given)
-    return module, tcfg, mcfg, set(given) | set(module.PRESETS.get(known.preset, {}))
+    return module, tcfg, mcfg, set(given)
 
 
 def apply(tcfg, mcfg, overrides):
@@ -311,15 +311,21 @@ def main(argv=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    clean = False
     try:
-        return run(module, tcfg, mcfg, given, device, rank, world, ddp)
+        code = run(module, tcfg, mcfg, given, device, rank, world, ddp)
+        clean = True
+        return code
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
         if ddp:
             # Without a barrier before teardown, gloo workers abort at exit now and then.
-            with contextlib.suppress(Exception):
-                dist.barrier()
+            # After an error on this rank the others may never arrive: exit non-zero
+            # instead, and torchrun stops the rest of the job.
+            if clean:
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             dist.destroy_process_group()
 
 
@@ -378,9 +384,19 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             raise UsageError(f"--init-from {tcfg.init_from}: no such file or folder")
         try:
             model = module.Model.from_gpt2(tcfg.init_from, dropout=getattr(mcfg, "dropout", 0.0))
-        except (ValueError, OSError) as e:
-            raise UsageError(f"--init-from {tcfg.init_from}: {e}")
+        except Exception as e:  # a user's file can fail in many ways; all of them are one line
+            raise UsageError(f"--init-from {tcfg.init_from}: not loadable GPT-2 weights "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+        for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
+            if k in given and getattr(mcfg, k) != getattr(model.cfg, k):
+                raise UsageError(f"--{k.replace('_', '-')} {getattr(mcfg, k)}: the GPT-2 weights have "
+                                 f"{getattr(model.cfg, k)}; drop the flag")
+        if "block_size" in given and mcfg.block_size < model.cfg.block_size:
+            model.crop_block_size(mcfg.block_size)
         mcfg = model.cfg
+        if splits["train"].info["shape"][0] != mcfg.block_size:  # batches must fit the context
+            splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir, block_size=mcfg.block_size)
+            info = splits["train"].info
         if mcfg.vocab_size < info["vocab_size"]:
             raise UsageError(f"GPT-2 weights have {mcfg.vocab_size} tokens, the tokenizer {info['vocab_size']}: "
                              f"use --tokenizer gpt2")
@@ -479,13 +495,16 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         raw.eval()
         out = {}
         for split in ("train", "val"):
-            g = torch.Generator().manual_seed(tcfg.seed * 7919 + rank + (split == "val") * 1_000_003)
+            # The same fixed batches at every evaluation, and the same for any process count.
+            g = torch.Generator().manual_seed(tcfg.seed * 7919 + (split == "val"))
             total = torch.zeros((), device=device)
-            for _ in range(tcfg.eval_iters):
-                x, y = splits[split].batch(tcfg.batch_size, g)
-                with autocast(device, dtype):
-                    loss, _ = raw(x.to(device), y.to(device))
-                total += loss.float()
+            for _ in range(tcfg.eval_iters):  # global batches, sliced as in training
+                X, Y = splits[split].batch(tcfg.batch_size * k * world, g)
+                for m in range(k):
+                    rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
+                    with autocast(device, dtype):
+                        loss, _ = raw(X[rows].to(device), Y[rows].to(device))
+                    total += loss.float() / k
             if ddp:
                 dist.all_reduce(total)
             out[split] = total.item() / (tcfg.eval_iters * world)
@@ -508,7 +527,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             f.write(f"=== step {step} ===\n{text}\n")
         say("-" * 60 + "\n" + text[:400] + "\n" + "-" * 60)
 
-    def checkpoint(step, path=ckpt_path):
+    def checkpoint(step, evaluated, path=ckpt_path):
         # Every rank's RNG states, so each one continues exactly where it stopped.
         mine = dict(torch=torch.get_rng_state(),
                     cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
@@ -522,20 +541,36 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                                  optimizers={p: o.state_dict() for p, o in optimizers.items()},
                                  scaler=scaler.state_dict() if scaler.is_enabled() else None,
                                  step=step, best_val=best_val, config=conf, rng=rngs,
-                                 data_rng=stream.get_state(), horizon=horizon), path)
+                                 data_rng=stream.get_state(), horizon=horizon, evaluated=evaluated,
+                                 elapsed=time.time() - t0), path)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, Stop.handler)
     Stop.signum = 0
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step whose loss was not finite
+    bad = -1
+
+    def any_bad():
+        """Whether any rank saw a non-finite loss; every rank must take the same branch."""
+        nonlocal bad
+        worst = bad_step.clone()
+        if ddp:
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        bad = int(worst.item())
+        return bad >= 0
+
     loss_sum, loss_n = torch.zeros((), device=device), 0
     t0 = t_log = time.time()
+    if ckpt is not None and "max_time" not in given:  # the budget is the whole run's, not this process's
+        t0 -= ckpt.get("elapsed", 0.0)
+    t_train = None  # when the first evaluation ended: the step rate is measured from there
     step, stop_reason = start_step, None
 
     while True:
         last = step >= tcfg.max_iters or stop_reason is not None
-        if (step % tcfg.eval_interval == 0 or last) and not (ckpt is not None and step == start_step):
-            if bad_step.item() >= 0:
+        if (step % tcfg.eval_interval == 0 or last) and not (ckpt is not None and step == start_step
+                                                              and ckpt.get("evaluated", True)):
+            if any_bad():
                 break
             losses = evaluate()
             rec = dict(step=step, train_loss=losses["train"], val_loss=losses["val"], time=time.time() - t0)
@@ -547,7 +582,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             improved = losses["val"] < best_val
             best_val = min(best_val, losses["val"])
             if step > 0:
-                checkpoint(step)
+                checkpoint(step, evaluated=True)
                 if improved and master:
                     # A hard link renamed into place: best.pt is whole or absent, and costs no copy.
                     best = os.path.join(out_dir, "best.pt")
@@ -585,8 +620,10 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         loss_n += 1
         step += 1
 
+        if t_train is None:
+            t_train, step_train = time.time(), step
         if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
-            if bad_step.item() >= 0:
+            if any_bad():
                 break
             if ddp:  # the logged loss is the global batch's, not rank 0's share
                 dist.all_reduce(loss_sum)
@@ -604,15 +641,16 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             loss_n = 0
             # Stop decisions are taken together, here, so no rank waits on another forever.
             elapsed = time.time() - t0
-            steps_left = (tcfg.max_time - elapsed) * (step - start_step) / max(elapsed, 1e-9)
+            rate = (step - step_train) / max(time.time() - t_train, 1e-9)  # steps/s, evals included
+            steps_left = (tcfg.max_time - elapsed) * rate if step > step_train else 1e12  # no rate yet
             stop = torch.tensor([Stop.signum, tcfg.max_time > 0 and elapsed > tcfg.max_time,
-                                 -(step + steps_left)], dtype=torch.float64)
+                                 -(step + steps_left)], dtype=torch.float32, device=device)
             if ddp:  # MAX of the negated estimate: every rank takes the same, earliest end
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             if tcfg.max_time:
-                horizon = max(step, min(tcfg.lr_decay_iters or tcfg.max_iters, int(-stop[2])))
+                horizon = max(step, int(min(tcfg.lr_decay_iters or tcfg.max_iters, -stop[2].item())))
             if stop[0] > 0:
-                checkpoint(step)
+                checkpoint(step, evaluated=False)
                 say(f"stopped by signal {int(stop[0])} at step {step}; saved {ckpt_path} (resume with --resume)")
                 return 128 + int(stop[0])
             if stop[1] > 0:
@@ -620,15 +658,17 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
         elif not ddp:  # one process: nobody to agree with, so look every step
             if Stop.signum:
-                checkpoint(step)
+                if any_bad():  # never save weights a non-finite step has touched
+                    break
+                checkpoint(step, evaluated=False)
                 say(f"stopped by signal {Stop.signum} at step {step}; saved {ckpt_path} (resume with --resume)")
                 return 128 + Stop.signum
             if tcfg.max_time and time.time() - t0 > tcfg.max_time:
                 stop_reason = "max_time"
                 say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
 
-    if bad_step.item() >= 0:
-        raise UsageError(f"loss is not finite at step {bad_step.item()}; stopped, the last good checkpoint "
+    if bad >= 0:
+        raise UsageError(f"loss is not finite at step {bad}; stopped, the last good checkpoint "
                          f"{ckpt_path} is kept (lower --lr, or try --dtype fp32)")
     return 0
 

@@ -95,6 +95,11 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, corpus):
     pa, pb = params(tmp_path, "one"), params(tmp_path, "two")
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=0)
+    # evaluation, too, sees the same batches whatever the process count
+    evals = lambda out: [(r["step"], r["val_loss"]) for r in map(json.loads, open(tmp_path / out / "log.jsonl"))
+                         if "val_loss" in r]
+    for (s1, v1), (s2, v2) in zip(evals("one"), evals("two"), strict=True):
+        assert s1 == s2 and abs(v1 - v2) < 1e-5
 
 
 def test_bf16_path_trains(tmp_path, corpus):
@@ -188,15 +193,28 @@ def test_sample_prints_text_and_refuses_a_long_prompt(tmp_path, corpus):
 def test_init_from_gpt2_weights(tmp_path, corpus):
     from test_gpt import fake_gpt2_state_dict
     torch.save(fake_gpt2_state_dict(vocab=300, ctx=32, n_embd=64), tmp_path / "pytorch_model.bin")
+    # the weights set the shape: drop TINY's --n-layer/--n-head/--n-embd/--block-size
+    args = lambda tmp_path, corpus, out, *extra: ["--data", corpus, "--data-dir", str(tmp_path / "data"),
+                                                  "--out-dir", str(tmp_path / out), *TINY[8:], *extra]
     a = args(tmp_path, corpus, "ft", "--max-iters", "2", "--eval-interval", "2",
              "--init-from", str(tmp_path / "pytorch_model.bin"))
     assert train.main(a) == 0
     ck = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
     assert ck["config"]["model_config"]["vocab_size"] == 300
     assert ck["config"]["model_config"]["n_embd"] == 64
+    assert ck["model"]["wpe.weight"].shape == (32, 64)
+    # a shorter --block-size crops GPT-2's positions; resume keeps it
+    assert train.main([*args(tmp_path, corpus, "crop", "--max-iters", "2", "--eval-interval", "2",
+                             "--init-from", str(tmp_path / "pytorch_model.bin")), "--block-size", "16"]) == 0
+    assert train.main([*args(tmp_path, corpus, "crop", "--max-iters", "3", "--eval-interval", "2",
+                             "--init-from", str(tmp_path / "pytorch_model.bin")), "--block-size", "16", "--resume"]) == 0
+    ck = torch.load(tmp_path / "crop" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["model"]["wpe.weight"].shape == (16, 64)
     torch.save(fake_gpt2_state_dict(vocab=100, ctx=32), tmp_path / "small.bin")
     r = cli(*args(tmp_path, corpus, "ft2", "--init-from", str(tmp_path / "small.bin")))
     assert r.returncode == 2 and "--tokenizer gpt2" in r.stderr
+    r = cli(*args(tmp_path, corpus, "ft3", "--init-from", str(tmp_path / "pytorch_model.bin"), "--n-layer", "5"))
+    assert r.returncode == 2 and "--n-layer 5: the GPT-2 weights have 2" in r.stderr
 
 
 def test_help_names_every_flag():
