@@ -358,25 +358,8 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         raise UsageError(f"{ckpt_path} exists: add --resume to continue that run, --overwrite to replace it, "
                          f"or choose another --out-dir")
 
-    # Data first: it fills the model's data-dependent fields.
-    dataset = tcfg.data or getattr(module, "DATA", "")
-    try:
-        splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir,
-                           block_size=getattr(mcfg, "block_size", 256))
-    except data.DataError as e:
-        raise UsageError(str(e))
-    info = splits["train"].info
-    if info.get("vocab_size") and hasattr(mcfg, "vocab_size"):
-        if mcfg.vocab_size <= 0:
-            mcfg.vocab_size = info["vocab_size"]
-        elif mcfg.vocab_size < info["vocab_size"]:
-            raise UsageError(f"tokenizer {tcfg.tokenizer} has {info['vocab_size']} symbols but the model's "
-                             f"vocab_size is {mcfg.vocab_size}; raise --vocab-size or pick another tokenizer")
-    for k in ("channels", "image_size", "num_classes"):
-        if info.get(k) is not None and hasattr(mcfg, k) and k not in given:
-            setattr(mcfg, k, info[k])
-
-    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
+    # GPT-2 weights, when fine-tuning, fix the model's shape before the data is cut to its context.
+    model = None
     if tcfg.init_from and ckpt is None:
         if not hasattr(module.Model, "from_gpt2"):
             raise UsageError(f"--init-from: {tcfg.model} cannot load GPT-2 weights")
@@ -394,13 +377,28 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         if "block_size" in given and mcfg.block_size < model.cfg.block_size:
             model.crop_block_size(mcfg.block_size)
         mcfg = model.cfg
-        if splits["train"].info["shape"][0] != mcfg.block_size:  # batches must fit the context
-            splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir, block_size=mcfg.block_size)
-            info = splits["train"].info
-        if mcfg.vocab_size < info["vocab_size"]:
-            raise UsageError(f"GPT-2 weights have {mcfg.vocab_size} tokens, the tokenizer {info['vocab_size']}: "
-                             f"use --tokenizer gpt2")
-    else:
+
+    # Then the data: it fills the model's data-dependent fields.
+    dataset = tcfg.data or getattr(module, "DATA", "")
+    try:
+        splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir,
+                           block_size=getattr(mcfg, "block_size", 256))
+    except data.DataError as e:
+        raise UsageError(str(e))
+    info = splits["train"].info
+    if info.get("vocab_size") and hasattr(mcfg, "vocab_size"):
+        if mcfg.vocab_size <= 0:
+            mcfg.vocab_size = info["vocab_size"]
+        elif mcfg.vocab_size < info["vocab_size"]:
+            fix = "use --tokenizer gpt2" if model is not None else "raise --vocab-size or pick another tokenizer"
+            raise UsageError(f"tokenizer {tcfg.tokenizer} has {info['vocab_size']} symbols but the model's "
+                             f"vocab_size is {mcfg.vocab_size}; {fix}")
+    for k in ("channels", "image_size", "num_classes"):
+        if info.get(k) is not None and hasattr(mcfg, k) and k not in given:
+            setattr(mcfg, k, info[k])
+
+    if model is None:
+        torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
         try:
             model = module.Model(mcfg)
         except ValueError as e:
@@ -647,25 +645,23 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                                  -(step + steps_left)], dtype=torch.float32, device=device)
             if ddp:  # MAX of the negated estimate: every rank takes the same, earliest end
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            signum, timed_out, neg_end = stop.tolist()  # one device read for all three
+            signum, timed_out = int(signum), timed_out > 0
             if tcfg.max_time:
-                horizon = max(step, int(min(tcfg.lr_decay_iters or tcfg.max_iters, -stop[2].item())))
-            if stop[0] > 0:
-                checkpoint(step, evaluated=False)
-                say(f"stopped by signal {int(stop[0])} at step {step}; saved {ckpt_path} (resume with --resume)")
-                return 128 + int(stop[0])
-            if stop[1] > 0:
-                stop_reason = "max_time"
-                say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
+                horizon = max(step, int(min(tcfg.lr_decay_iters or tcfg.max_iters, -neg_end)))
         elif not ddp:  # one process: nobody to agree with, so look every step
-            if Stop.signum:
-                if any_bad():  # never save weights a non-finite step has touched
-                    break
-                checkpoint(step, evaluated=False)
-                say(f"stopped by signal {Stop.signum} at step {step}; saved {ckpt_path} (resume with --resume)")
-                return 128 + Stop.signum
-            if tcfg.max_time and time.time() - t0 > tcfg.max_time:
-                stop_reason = "max_time"
-                say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
+            signum, timed_out = Stop.signum, bool(tcfg.max_time and time.time() - t0 > tcfg.max_time)
+        else:
+            signum, timed_out = 0, False
+        if signum:
+            if any_bad():  # never save weights a non-finite step has touched
+                break
+            checkpoint(step, evaluated=False)
+            say(f"stopped by signal {signum} at step {step}; saved {ckpt_path} (resume with --resume)")
+            return 128 + signum
+        if timed_out and stop_reason is None:
+            stop_reason = "max_time"
+            say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
 
     if bad >= 0:
         raise UsageError(f"loss is not finite at step {bad}; stopped, the last good checkpoint "
