@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -66,6 +67,7 @@ class TrainConfig:
     eval_iters: int = 20            # global batches per split in an evaluation
     log_interval: int = 10          # a console and log line every this many steps
     sample_tokens: int = 300        # text: tokens to generate at each evaluation
+    sample_images: int = 64         # images: how many to draw into the grid at each evaluation (points: 2000)
 
 
 class UsageError(Exception):
@@ -466,11 +468,15 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 data=dict(name=dataset, **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}))
     n_params = sum(p.numel() for p in raw.parameters())
     per_step = tcfg.batch_size * k * world
-    unit = "tok" if info["kind"] == "tokens" else "ex"
+    unit = {"tokens": "tok", "image": "img", "points": "pt"}.get(info["kind"], "ex")
     units_per_step = per_step * (info["shape"][0] if unit == "tok" else 1)
     say(f"{conf['model']}: {n_params / 1e6:.2f}M parameters | data {dataset} ({info['kind']}) | "
         f"{device} {str(dtype).removeprefix('torch.')} | {world} process(es) x batch {tcfg.batch_size} x "
         f"accum {k} = {per_step} per step | out {out_dir}")
+
+    def share(X, Y, rows):
+        """This micro-step's rows of a global batch, on the device; Y may be None (no labels)."""
+        return X[rows].to(device, non_blocking=True), None if Y is None else Y[rows].to(device, non_blocking=True)
 
     def log(record):
         if master:
@@ -501,7 +507,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 for m in range(k):
                     rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
                     with autocast(device, dtype):
-                        loss, _ = raw(X[rows].to(device), Y[rows].to(device))
+                        loss, _ = raw(*share(X, Y, rows))
                     total += loss.float() / k
             if ddp:
                 dist.all_reduce(total)
@@ -510,8 +516,10 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         return out
 
     def write_samples(step):
-        if not master or info["kind"] != "tokens":
+        if not master:
             return
+        if info["kind"] != "tokens":
+            return write_picture(step)
         tok = data.get_tokenizer(tcfg.tokenizer)
         prompt = [tok.eot] if tok.eot is not None else tok.encode("\n")
         g = torch.Generator(device=device).manual_seed(tcfg.seed + step)
@@ -524,6 +532,29 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         with open(os.path.join(out_dir, "samples.txt"), "a") as f:
             f.write(f"=== step {step} ===\n{text}\n")
         say("-" * 60 + "\n" + text[:400] + "\n" + "-" * 60)
+
+    def write_picture(step):
+        """Images: a grid, one column per class for a model with classes. Points: a scatter
+        over the true modes. Written to <out_dir>/samples-<step>.png and samples.png."""
+        n = 2000 if info["kind"] == "points" else tcfg.sample_images
+        classes = getattr(mcfg, "num_classes", 0) or 0
+        y = (torch.arange(n, device=device) % classes) if classes else None
+        # Seeded per step, inside a fork of the RNG: the training noise after this point is
+        # the same whether or not pictures were drawn, so a resumed run stays exact.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(tcfg.seed + step)
+            raw.eval()
+            with autocast(device, dtype):
+                x = raw.sample(n, y=y)
+            raw.train()
+        path = os.path.join(out_dir, f"samples-{step:06d}.png")
+        if info["kind"] == "points":
+            split = splits["train"]
+            data.save_scatter(x, path, centers=split.centers, radius=3 * split.std)
+        else:
+            data.save_grid(x, path, nrow=classes if classes else int(math.ceil(math.sqrt(n))))
+        shutil.copyfile(path, os.path.join(out_dir, "samples.png"))
+        say(f"samples: {path}")
 
     def checkpoint(step, evaluated, path=ckpt_path):
         # Every rank's RNG states, so each one continues exactly where it stopped.
@@ -600,7 +631,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             X, Y = splits["train"].batch(tcfg.batch_size * k * world, stream)
             for m in range(k):
                 rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
-                x, y = X[rows].to(device, non_blocking=True), Y[rows].to(device, non_blocking=True)
+                x, y = share(X, Y, rows)
                 # All-reduce gradients only on the last micro-step.
                 sync = contextlib.nullcontext() if (not ddp or m == k - 1) else model.no_sync()
                 with sync:

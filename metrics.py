@@ -1,0 +1,598 @@
+"""
+Evaluation of generative models, from scratch: FID, Inception Score, KID, precision and
+recall, memorization, mode coverage, bits per dimension, and the networks that make the
+features (the TensorFlow FID InceptionV3, or a small classifier trained here).
+
+    python metrics.py --ckpt out/diffusion/ckpt.pt --n 10000 [--features classifier|inception]
+    python metrics.py --real digits --fake samples.npy
+
+Numbers are comparable only when made with the same feature network: every report
+names its network. `inception` is the standard one of the literature (its weights are
+downloaded once); `classifier` works offline on labelled datasets and is trained here on
+the dataset's train split, then cached.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+# ---- distances between sets of features -------------------------------------------------
+
+
+def feature_stats(features):
+    """Mean and covariance (unbiased, like np.cov) of [N, D] features, in float64."""
+    f = torch.as_tensor(features).double()
+    mu = f.mean(0)
+    d = f - mu
+    return mu, d.T @ d / (len(f) - 1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) between two Gaussians.
+
+    tr((S1 S2)^(1/2)) equals tr((A S2 A)^(1/2)) with A = S1^(1/2): the two matrices are
+    similar (A S2 A = A^-1 (S1 S2) A when A is invertible, and by continuity otherwise).
+    A S2 A is symmetric positive semi-definite, so its square root's trace is the sum of
+    the square roots of its eigenvalues: two symmetric eigendecompositions, real numbers
+    throughout, no complex sqrtm (scipy's route, which pytorch-fid takes)."""
+    mu1, mu2, s1, s2 = (torch.as_tensor(t).double() for t in (mu1, mu2, sigma1, sigma2))
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    w, v = torch.linalg.eigh(s1)
+    a = (v * w.clamp(min=0).sqrt()) @ v.T  # S1^(1/2); tiny negative eigenvalues are rounding
+    m = a @ s2 @ a
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
+
+
+def fid(features_a, features_b):
+    """Frechet distance between Gaussians fitted to two feature sets [N, D]."""
+    for f in (features_a, features_b):
+        if len(f) <= f.shape[1]:
+            warnings.warn(f"FID from {len(f)} samples of {f.shape[1]}-dimensional features: the covariance "
+                          f"is singular and the figure biased; use more samples than dimensions")
+    return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))
+
+
+def inception_score(logits, splits=10):
+    """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))).
+
+    torch-fidelity's convention, so figures compare with its: the logits are the
+    classifier's without its bias (for InceptionV3, pool3 @ fc.weight.T, which is what
+    the original TensorFlow code fed its softmax); the samples are shuffled with numpy's
+    RandomState(2020) permutation, cut into `splits` contiguous parts, p(y) is each
+    part's mean prediction, and std is numpy's (ddof=0). Float64 throughout."""
+    logits = torch.as_tensor(logits).double()
+    n = len(logits)
+    logits = logits[torch.from_numpy(np.random.RandomState(2020).permutation(n))]
+    scores = []
+    for i in range(splits):
+        part = logits[i * n // splits:(i + 1) * n // splits]
+        logp = F.log_softmax(part, 1)
+        logpy = torch.logsumexp(logp, 0) - math.log(len(part))  # log of the mean prediction
+        scores.append(float((logp.exp() * (logp - logpy)).sum(1).mean().exp()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def kid(features_a, features_b, subsets=100, subset_size=1000, seed=2020):
+    """Kernel Inception Distance: (mean, std) over random subsets of the unbiased MMD^2
+    with the cubic polynomial kernel k(x, y) = (x.y / D + 1)^3 (Binkowski et al. 2018).
+    Within-set sums leave out the diagonal k(x_i, x_i); the cross term keeps all m^2."""
+    a, b = torch.as_tensor(features_a).double(), torch.as_tensor(features_b).double()
+    m = min(subset_size, len(a), len(b))
+    if m < subset_size:
+        warnings.warn(f"KID subsets of {m} samples, not {subset_size}: too few samples")
+    rng = np.random.RandomState(seed)
+    d = a.shape[1]
+    out = []
+    for _ in range(subsets):
+        x = a[torch.from_numpy(rng.choice(len(a), m, replace=False))]
+        y = b[torch.from_numpy(rng.choice(len(b), m, replace=False))]
+        kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        out.append(float(within - 2 * kxy.sum() / m ** 2))
+    return float(np.mean(out)), float(np.std(out))
+
+
+def _pairwise_min(a, b, fn, chunk=2048):
+    """fn(distances of a chunk of a to all of b) for chunks of a, concatenated."""
+    return torch.cat([fn(torch.cdist(a[i:i + chunk], b)) for i in range(0, len(a), chunk)])
+
+
+def knn_radii(x, k):
+    """Distance from each point to its k-th nearest neighbour in its own set (itself excluded)."""
+    return _pairwise_min(x, x, lambda d: d.kthvalue(k + 1, dim=1).values)
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019). Each set's manifold is
+    the union of balls around its points reaching their k-th nearest neighbour.
+    Precision: the share of fake points inside the real manifold (are samples realistic?).
+    Recall: the share of real points inside the fake manifold (is the data covered?)."""
+    real, fake = torch.as_tensor(real).float(), torch.as_tensor(fake).float()
+    r_real, r_fake = knn_radii(real, k), knn_radii(fake, k)
+    precision = _pairwise_min(fake, real, lambda d: (d <= r_real).any(1)).float().mean()
+    recall = _pairwise_min(real, fake, lambda d: (d <= r_fake).any(1)).float().mean()
+    return float(precision), float(recall)
+
+
+def memorization(fake, train, ratio=1 / 3):
+    """Share of samples whose nearest training example is closer than `ratio` times the
+    distance to the second-nearest: a copy stands out from the crowd of its neighbours."""
+    fake, train = torch.as_tensor(fake).float(), torch.as_tensor(train).float()
+    d = _pairwise_min(fake, train, lambda d: d.topk(2, dim=1, largest=False).values)
+    return float((d[:, 0] < ratio * d[:, 1]).float().mean())
+
+
+def mode_coverage(points, centers, std):
+    """For the 2D mixtures, as in VEEGAN and PacGAN: a sample is high quality when within
+    3 standard deviations of its nearest mode; a mode is covered when it is the nearest
+    mode of at least one high-quality sample. -> (modes covered, share of high quality)."""
+    points, centers = torch.as_tensor(points).float(), torch.as_tensor(centers).float()
+    points = points[torch.isfinite(points).all(1)]
+    if len(points) == 0:
+        return 0, 0.0
+    d, nearest = torch.cdist(points, centers).min(1)
+    good = d <= 3 * std
+    return int(nearest[good].unique().numel()), float(good.float().mean())
+
+
+def bits_per_dim(nll_nats, num_dims):
+    """Mean negative log-likelihood in bits per dimension.
+
+    Convention: nll_nats is -log P(x) in nats of each example as 8-bit data, each of its
+    num_dims subpixels one of 256 levels (a discrete probability, not a density on [-1, 1]).
+    So a model uniform over the 256 levels scores exactly 8 bits/dim. A density p on the
+    [-1, 1] scale relates to it by P(x) ~ p(x) * (2/255)^num_dims."""
+    return float(torch.as_tensor(nll_nats).double().mean() / (num_dims * math.log(2)))
+
+# ---- feature networks -------------------------------------------------------------------
+
+# InceptionV3 as used by FID: the TensorFlow "inception-2015-12-05" graph as ported by pytorch-fid
+# (fid_inception_v3). Parameter/buffer names equal torchvision's Inception3 minus AuxLogits, so
+# pytorch-fid's pt_inception-2015-12-05-6726825d.pth loads with load_state_dict(strict=True); that
+# file includes BatchNorm num_batches_tracked (pytorch-fid issue #34), and a file without them would
+# load too (BatchNorm fills them in when the state dict carries no version metadata).
+# Departures from torchvision's textbook Inception3 are marked "FID:".
+
+
+class BasicConv2d(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, as in TF) -> ReLU."""
+
+    def __init__(self, cin, cout, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_tf(x):
+    # FID: TF's 'SAME' average pooling leaves the padded zeros out of the mean (count_include_pad
+    # =False); torchvision counts them in.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # Mixed_5b/5c/5d, 35x35
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(_avg_pool_tf(x))  # FID: see _avg_pool_tf
+        return torch.cat([self.branch1x1(x), b5, b3, bp], 1)
+
+
+class InceptionB(nn.Module):  # Mixed_6a, 35x35 -> 17x17 (same as torchvision)
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):  # Mixed_6b..6e, 17x17, factorized 7x7
+    def __init__(self, cin, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        k17, k71 = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, **k17)
+        self.branch7x7_3 = BasicConv2d(c7, 192, **k71)
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, **k71)
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, **k17)
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, **k71)
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, **k17)
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = x
+        for i in range(1, 6):
+            bd = getattr(self, f"branch7x7dbl_{i}")(bd)
+        bp = self.branch_pool(_avg_pool_tf(x))  # FID: see _avg_pool_tf
+        return torch.cat([self.branch1x1(x), b7, bd, bp], 1)
+
+
+class InceptionD(nn.Module):  # Mixed_7a, 17x17 -> 8x8 (same as torchvision)
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):  # Mixed_7b (pool="avg") and Mixed_7c (pool="max"), 8x8
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        if self.pool == "max":
+            # FID: the TF 2015 graph max-pools in Mixed_7c's pool branch (torchvision and the
+            # paper average-pool); likely a quirk of that graph, but it is what FID uses.
+            p = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        else:
+            p = _avg_pool_tf(x)  # FID: see _avg_pool_tf
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(p)], 1)
+
+
+class InceptionV3(nn.Module):
+    """FID InceptionV3. forward(x): x [B, 1 or 3, H, W] in [-1, 1] -> (pool3 [B, 2048], logits [B, 1008]).
+
+    The module puts itself in eval mode (BatchNorm must use its running statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        # FID: no AuxLogits head (it is not part of the FID graph nor of the weights file).
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")  # FID: max pool branch, see InceptionE
+        # FID: 1008 logits (the TF 2015 graph's classifier size), not torchvision's 1000.
+        self.fc = nn.Linear(2048, 1008)
+        self.eval()
+
+    def forward(self, x):
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        # As pytorch-fid: bilinear, align_corners=False, no antialias (identity at 299x299).
+        # FID: no torchvision transform_input re-normalization; the TF graph maps pixels to [-1, 1]
+        # and so do our inputs (pytorch-fid's 2x-1 from [0, 1] is therefore skipped).
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, "Mixed_" + name)(x)
+        pool3 = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)  # FID: no dropout before fc
+        return pool3.float(), self.fc(pool3).float()
+
+
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+
+
+def load_inception(device="cpu"):
+    """The FID InceptionV3 with the standard weights: read from torch.hub's cache, which
+    a first online use fills. Offline and not cached: one line says what to fetch."""
+    fname = os.path.basename(INCEPTION_URL)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
+    if not os.path.exists(path):
+        try:
+            print(f"metrics: downloading {INCEPTION_URL}", file=sys.stderr)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, path, progress=sys.stderr.isatty())
+        except Exception as e:
+            raise MetricsError(f"the FID InceptionV3 weights are not available ({type(e).__name__}); download "
+                               f"{INCEPTION_URL} and put {fname} in {os.path.dirname(path)}/, or use "
+                               f"--features classifier (offline)") from None
+    net = InceptionV3()
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise MetricsError(f"{path} is not the FID InceptionV3 weights file ({str(e).splitlines()[0][:100]}); "
+                           f"delete it to download it again") from None
+    return net.to(device).eval()
+
+
+class Classifier(nn.Module):
+    """A small CNN for one labelled dataset. Its last hidden layer (128 wide) is the
+    feature space for FID, KID and precision/recall; its logits serve the Inception Score.
+    Features are divided by their RMS over the training images (the `scale` buffer), so
+    that they are O(1) like InceptionV3's and KID's cubic kernel stays well-conditioned."""
+
+    def __init__(self, channels, size, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(32 * (size // 4) ** 2, 128), nn.ReLU())
+        self.head = nn.Linear(128, num_classes)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        f = self.body(x)
+        return f / self.scale, self.head(f)
+
+
+class MetricsError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def get_classifier(name, splits, data_dir, device="cpu", epochs=1, log=print):
+    """The classifier of dataset `name`, from data_dir/cache or trained now (seeded, so
+    the same on every machine up to floating point) and cached. -> (net, test accuracy)."""
+    info = splits["train"].info
+    if info.get("kind") != "image" or splits["train"].labels is None:
+        raise MetricsError(f"--features classifier needs a labelled image dataset; {name} has no labels "
+                           f"(use --features inception)")
+    c, h, _ = info["shape"]
+    key = f"{name}-{c}x{h}-{len(splits['train'])}-{hash_split(splits['train'])}"
+    path = os.path.join(data_dir, "cache", f"classifier-{key}.pt")
+    net = Classifier(c, h, info["num_classes"]).to(device)
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(saved["model"])
+            return net.eval(), saved["accuracy"]
+        except Exception:
+            pass  # damaged: train again
+    torch.manual_seed(0)
+    net = Classifier(c, h, info["num_classes"]).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    steps = epochs * len(splits["train"]) // 128
+    for step in progress(range(steps), f"training the {name} classifier"):
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x, y = splits["train"].batch(128, g)
+        x = x + 0.1 * torch.randn(x.shape, generator=g)  # robust to the slight noise of samples
+        loss = F.cross_entropy(net(x.to(device))[1], y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        x = splits["train"].batch(2000, g)[0].to(device)
+        net.scale.fill_(net.body(x).square().mean().sqrt().item())
+    accuracy = classifier_accuracy(net, splits["val"], device)
+    log(f"metrics: {name} classifier: {100 * accuracy:.2f}% accuracy on the val split; cached in {path}")
+    data.atomic_write(path, lambda f: torch.save({"model": net.state_dict(), "accuracy": accuracy}, f))
+    return net, accuracy
+
+
+def hash_split(split):
+    """A short fingerprint of a split's images, so a classifier is never reused for other data."""
+    import hashlib
+    return hashlib.sha1(split.images[::97].numpy().tobytes()).hexdigest()[:8]
+
+
+@torch.no_grad()
+def classifier_accuracy(net, split, device="cpu"):
+    hits = 0
+    for i in range(0, len(split), 1000):
+        x = split.images[i:i + 1000].float().div(127.5).sub(1).to(device)
+        hits += int((net(x)[1].argmax(1).cpu() == split.labels[i:i + 1000]).sum())
+    return hits / len(split)
+
+
+@torch.no_grad()
+def extract(net, images, batch_size=100, device="cpu", desc="features"):
+    """(features [N, D], logits without bias [N, K]) of images [N, C, H, W] in [-1, 1]
+    (or uint8 0..255), in batches."""
+    feats, logits = [], []
+    for i in progress(range(0, len(images), batch_size), desc):
+        x = torch.as_tensor(images[i:i + batch_size])
+        x = x.float().div(127.5).sub(1) if x.dtype == torch.uint8 else x.float()
+        f, _ = net(x.to(device))
+        feats.append(f.double().cpu())
+        fc, scale = (net.fc, 1.0) if isinstance(net, InceptionV3) else (net.head, float(net.scale))
+        logits.append((f.double() * scale @ fc.weight.double().T).cpu())  # no bias: see inception_score
+    return torch.cat(feats), torch.cat(logits)
+
+
+def progress(iterable, desc):
+    """A one-line progress bar on stderr (redrawn in place on a terminal)."""
+    items = list(iterable)
+    tty, t0, shown = sys.stderr.isatty(), time.time(), 0
+    for i, item in enumerate(items):
+        yield item
+        pct = 100 * (i + 1) // max(len(items), 1)
+        if tty or (pct // 25 > shown // 25 and i > 0) or i + 1 == len(items):
+            bar = "#" * (pct // 5) + "." * (20 - pct // 5)
+            eta = (time.time() - t0) / (i + 1) * (len(items) - i - 1)
+            print(f"\r{desc}: [{bar}] {i + 1}/{len(items)} eta {eta:.0f}s", end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+            shown = pct
+    if tty:
+        print(file=sys.stderr)
+
+# ---- the command line -----------------------------------------------------------------
+
+
+def load_set(spec, split, data_dir, n):
+    """(uint8 images [n', C, H, W] or float points, the dataset's splits or None) of a
+    dataset name (its `split`) or of a .npy file of uint8 images."""
+    try:
+        if spec.endswith(".npy"):
+            a = np.load(spec, allow_pickle=False) if os.path.isfile(spec) else None
+            if a is not None and a.ndim == 2 and a.shape[1] == 2 and a.dtype.kind == "f":
+                return torch.from_numpy(a[:n]).float(), None  # 2D points
+            return torch.from_numpy(data.npy_images(spec)[:n]), None
+        splits = data.load(spec, data_dir=data_dir)
+    except (data.DataError, ValueError, OSError) as e:
+        raise MetricsError(str(e).splitlines()[0] if str(e) else f"{spec}: cannot read it")
+    s = splits[split]
+    if s.info["kind"] == "points":
+        return s.batch(n, torch.Generator().manual_seed(split == "val"))[0], splits
+    if s.info["kind"] != "image":
+        raise MetricsError(f"{spec} is text; metrics.py compares images or 2D points")
+    return s.images[:n], splits
+
+
+def report(real, fake, train_set, splits, args, name):
+    """The table's rows: {metric: value} comparing fake with real."""
+    rows = {}
+    if fake.dtype.is_floating_point and fake.shape[1:] == (2,):  # 2D points
+        centers, std = splits["train"].centers, splits["train"].std
+        modes, hq = mode_coverage(fake, centers, std)
+        rows.update({"modes covered": f"{modes}/{len(centers)}", "high quality %": 100 * hq})
+        rows["precision"], rows["recall"] = precision_recall(real, fake, k=args.k)
+        return rows, "raw 2D coordinates"
+    if fake.shape[1:] != real.shape[1:]:
+        raise MetricsError(f"fake images are {tuple(fake.shape[1:])}, real ones {tuple(real.shape[1:])}; "
+                           f"they must match")
+    if args.features == "inception":
+        net, about = load_inception(args.device), "InceptionV3 (FID, pool3 2048-d)"
+    else:
+        net, acc = get_classifier(name, splits, args.data_dir, args.device, log=lambda m: print(m, file=sys.stderr))
+        about = f"classifier trained on {name} ({100 * acc:.1f}% val accuracy, 128-d): not comparable with published FIDs"
+    fr, _ = extract(net, real, args.batch_size, args.device, "real features")
+    ff, lf = extract(net, fake, args.batch_size, args.device, "fake features")
+    rows["FID"] = fid(fr, ff)
+    rows["IS"], rows["IS std"] = inception_score(lf, splits=10)
+    rows["KID"], rows["KID std"] = kid(fr, ff, subset_size=min(1000, len(fr), len(ff)))
+    rows["precision"], rows["recall"] = precision_recall(fr, ff, k=args.k)
+    if train_set is not None:
+        ft, _ = extract(net, train_set, args.batch_size, args.device, "train features")
+        rows["memorized %"] = 100 * memorization(ff, ft)
+    return rows, about
+
+
+def main(argv=None):
+    import train  # for the checkpoint and flag helpers; model files never import this
+    p = train.Parser(prog="metrics.py", description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--ckpt", default="", help="checkpoint to sample and evaluate (EMA weights where present)")
+    p.add_argument("--real", default="", help="dataset name or .npy of real images (its train split)")
+    p.add_argument("--fake", default="", help=".npy of uint8 samples, or a dataset name (its val split)")
+    p.add_argument("--n", type=int, default=10000, help="samples to draw and compare (default: %(default)s)")
+    p.add_argument("--features", default="classifier", choices=["classifier", "inception"],
+                   help="feature network (default: %(default)s, offline; inception is the standard FID)")
+    p.add_argument("--nll-n", type=int, default=100, help="images for bits/dim where the model has nll (default: %(default)s)")
+    p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--data-dir", default="", help="datasets and cached classifiers (default: the checkpoint's, else data)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
+    p.add_argument("--json", default="", help="also write the table here (default with --ckpt: beside it)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    args = p.parse_args(argv)
+    if bool(args.ckpt) == bool(args.real or args.fake) or bool(args.real) != bool(args.fake):
+        raise MetricsError("give --ckpt, or both --real and --fake")
+    if args.n < 2 or args.nll_n < 0 or args.k < 1 or args.batch_size < 1:
+        raise MetricsError("--n must be at least 2, --k and --batch-size positive, --nll-n not negative")
+    device = train.pick_device(args.device, 0)
+    args.device, args.data_dir = device, args.data_dir or ("" if args.ckpt else "data")
+
+    if args.ckpt:
+        ckpt = train.load_checkpoint(args.ckpt)
+        module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device)
+        if ckpt.get("ema"):
+            model.load_state_dict(ckpt["ema"])  # the averaged weights are the ones to judge
+        model.eval()
+        name = ckpt["config"]["data"]["name"]
+        args.data_dir = args.data_dir or tcfg.data_dir
+        real, splits = load_set(name, "train", args.data_dir, args.n)
+        if splits["train"].info["kind"] == "tokens":
+            raise MetricsError(f"{args.ckpt} is a text model: its bits/byte are in the run's log.jsonl")
+        torch.manual_seed(args.seed)
+        classes = getattr(mcfg, "num_classes", 0) or 0
+        fake = []
+        with torch.no_grad():
+            for i in progress(range(0, args.n, args.batch_size), "sampling"):
+                b = min(args.batch_size, args.n - i)
+                y = (torch.arange(i, i + b, device=device) % classes) if classes else None
+                fake.append(model.sample(b, y=y).float().cpu())
+        fake = torch.cat(fake)
+        if fake.dim() == 4:
+            fake = data.to_uint8(fake)  # what a sample saved as an image would be
+        rows, about = report(real, fake, real, splits, args, name)
+        if hasattr(model, "nll") and splits["val"].info["kind"] == "image" and args.nll_n:
+            x = splits["val"].images[:args.nll_n].float().div(127.5).sub(1).to(device)
+            with torch.no_grad():
+                nll = torch.cat([model.nll(x[i:i + args.batch_size]).cpu() for i in
+                                 progress(range(0, len(x), args.batch_size), "bits/dim")])
+            rows[f"bits/dim ({len(x)} val images)"] = bits_per_dim(nll, x[0].numel())
+        what = f"{args.n} samples of {args.ckpt} vs {len(real)} of {name} train"
+        args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or ".", f"metrics-{args.features}.json")
+    else:
+        real, splits = load_set(args.real, "train", args.data_dir, args.n)
+        fake, _ = load_set(args.fake, "val", args.data_dir, args.n)
+        train_set = real if fake.dim() == 4 else None
+        rows, about = report(real, fake, train_set, splits or {}, args, args.real)
+        what = f"{len(fake)} of {args.fake} vs {len(real)} of {args.real}"
+    print(f"{what}\nfeatures: {about}")
+    for key, v in rows.items():
+        print(f"  {key:<28} {v:.4f}" if isinstance(v, float) else f"  {key:<28} {v}")
+    if args.json:
+        data.atomic_write(args.json, lambda f: f.write(json.dumps(
+            {"what": what, "features": about, **rows}, indent=1).encode()))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    import train
+    try:
+        sys.exit(main())
+    except (MetricsError, train.UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
