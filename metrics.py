@@ -43,13 +43,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     tr((S1 S2)^(1/2)) equals tr((A S2 A)^(1/2)) with A = S1^(1/2): the two matrices are
     similar (A S2 A = A^-1 (S1 S2) A when A is invertible, and by continuity otherwise).
     A S2 A is symmetric positive semi-definite, so its square root's trace is the sum of
-    the square roots of its eigenvalues: two symmetric eigendecompositions, real numbers
-    throughout, no complex sqrtm (scipy's route, which pytorch-fid takes)."""
+    the square roots of its eigenvalues: symmetric eigendecompositions and real numbers
+    throughout, no complex sqrtm (scipy's route, which pytorch-fid takes).
+    With S1 = V W V', A S2 A = V (B' S2 B) V' for B = V W^(1/2): the same eigenvalues,
+    so B' S2 B is decomposed instead and A itself is never formed (one matmul fewer)."""
     mu1, mu2, s1, s2 = (torch.as_tensor(t).double() for t in (mu1, mu2, sigma1, sigma2))
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     w, v = torch.linalg.eigh(s1)
-    a = (v * w.clamp(min=0).sqrt()) @ v.T  # S1^(1/2); tiny negative eigenvalues are rounding
-    m = a @ s2 @ a
+    b = v * w.clamp(min=0).sqrt()  # tiny negative eigenvalues of S1 are rounding
+    m = b.T @ s2 @ b
     tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
 

@@ -2,12 +2,17 @@
 
     python sample.py --ckpt out/gpt/ckpt.pt --prompt "def " --max-new-tokens 300 \
         --temperature 0.8 --top-k 50 --top-p 0.95
+    python sample.py --ckpt out/diffusion/ckpt.pt --num-samples 64 --label 3 --out three.png
 
-Text models print text. The checkpoint names its model, config and tokenizer, so no
-other flag is needed to rebuild it.
+Text models print text; image models write a PNG grid (2D-point models a scatter plot)
+and can save the raw samples as a .npy for metrics.py. The checkpoint names its model,
+config and data, so no other flag is needed to rebuild it.
 """
-import argparse
+import math
+import os
 import sys
+
+import numpy as np
 
 import torch
 
@@ -19,7 +24,10 @@ def main(argv=None):
     p = train.Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="out/gpt/ckpt.pt", help="checkpoint written by train.py (default: %(default)s)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--num-samples", type=int, default=1, help="how many samples (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=0, help="how many samples (default: 1 text, 64 images, 2000 points)")
+    p.add_argument("--label", type=int, default=None, help="images: class of every sample (default: cycle through the classes)")
+    p.add_argument("--out", default="", help="images: PNG to write (default: sample.png beside the checkpoint)")
+    p.add_argument("--npy", default="", help="images: also save the samples here as uint8 (N, C, H, W), for metrics.py --fake")
     p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
@@ -29,7 +37,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="(default: %(default)s)")
     args = p.parse_args(argv)
-    if args.num_samples <= 0 or args.max_new_tokens < 0 or not args.temperature >= 0:
+    if args.num_samples < 0 or args.max_new_tokens < 0 or not args.temperature >= 0:
         raise train.UsageError("--num-samples must be positive, --max-new-tokens and --temperature not negative")
     if args.top_k is not None and args.top_k <= 0 or args.top_p is not None and not 0 < args.top_p <= 1:
         raise train.UsageError("--top-k must be positive and --top-p in (0, 1]")
@@ -39,8 +47,12 @@ def main(argv=None):
     ckpt = train.load_checkpoint(args.ckpt)
     module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device)
     model.eval()
-    if not hasattr(model, "generate"):
-        raise train.UsageError(f"{args.ckpt} holds a {ckpt['config']['model']} model; sample.py prints text models only so far")
+    if ckpt.get("ema"):
+        model.load_state_dict(ckpt["ema"])  # the averaged weights sample better
+    kind = ckpt["config"]["data"].get("kind", "tokens")
+    if kind != "tokens":
+        return sample_pictures(args, ckpt, model, mcfg, device, dtype, kind)
+    args.num_samples = args.num_samples or 1
     try:
         tok = data.get_tokenizer(tcfg.tokenizer)
     except data.DataError as e:
@@ -60,6 +72,30 @@ def main(argv=None):
         if args.num_samples > 1:
             print(f"--- sample {i} ---")
         print(tok.decode(row))
+    return 0
+
+
+def sample_pictures(args, ckpt, model, mcfg, device, dtype, kind):
+    n = args.num_samples or (2000 if kind == "points" else 64)
+    classes = getattr(mcfg, "num_classes", 0) or 0
+    if args.label is not None and not (classes and 0 <= args.label < classes):
+        raise train.UsageError(f"--label {args.label}: the model has "
+                               f"{f'classes 0..{classes - 1}' if classes else 'no classes'}")
+    y = None
+    if classes:
+        y = torch.full((n,), args.label, device=device) if args.label is not None else torch.arange(n, device=device) % classes
+    torch.manual_seed(args.seed)
+    with torch.no_grad(), train.autocast(device, dtype):
+        x = model.sample(n, y=y).float().cpu()
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "sample.png")
+    if kind == "points":
+        data.save_scatter(x, out, centers=data.POINTS[ckpt["config"]["data"]["name"]][0])
+    else:
+        data.save_grid(x, out, nrow=classes if classes and args.label is None else math.ceil(math.sqrt(n)))
+    print(f"wrote {out}")
+    if args.npy:
+        np.save(args.npy, (data.to_uint8(x) if x.dim() == 4 else x).numpy())
+        print(f"wrote {args.npy}")
     return 0
 
 

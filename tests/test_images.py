@@ -245,3 +245,20 @@ def test_train_writes_sample_grids_and_metrics_evaluates_the_checkpoint(shared_d
     assert 0 < bpd < 8  # better than uniform over 256 levels
     # it equals the model's own loss, nats per dim, on those images
     assert bpd * np.log(2) == pytest.approx(evals[-1]["val_loss"], rel=0.25)
+
+
+def test_sample_py_writes_a_grid_and_npy_for_an_image_checkpoint(shared_data, tmp_path):
+    out = tmp_path / "pg"
+    r = subprocess.run([sys.executable, "train.py", "--model", os.path.join(ROOT, "tests", "pixelgauss.py"),
+                        "--preset", "tiny", "--max-iters", "5", "--data-dir", shared_data, "--out-dir", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(out / "ckpt.pt"), "--num-samples", "9",
+                        "--npy", str(tmp_path / "s.npy")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert read_png(out / "sample.png").shape == (3 * 30 + 2, 3 * 30 + 2)
+    s = np.load(tmp_path / "s.npy")
+    assert s.shape == (9, 1, 28, 28) and s.dtype == np.uint8
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(out / "ckpt.pt"), "--label", "3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no classes" in r.stderr and len(r.stderr.strip().splitlines()) == 1
