@@ -526,9 +526,14 @@ def main(argv=None):
     p.add_argument("--ckpt", default="", help="checkpoint to sample and evaluate (EMA weights where present)")
     p.add_argument("--real", default="", help="dataset name or .npy of real images (its train split)")
     p.add_argument("--fake", default="", help=".npy of uint8 samples, or a dataset name (its val split)")
+    p.add_argument("--against", default="train", choices=["train", "val"],
+                   help="with --ckpt: the split the samples are compared with (default: %(default)s; memorization always uses train)")
     p.add_argument("--n", type=int, default=10000, help="samples to draw and compare (default: %(default)s)")
     p.add_argument("--features", default="classifier", choices=["classifier", "inception"],
                    help="feature network (default: %(default)s, offline; inception is the standard FID)")
+    p.add_argument("--steps", type=int, default=None, help="diffusion: sampling steps, 0 ancestral over all T (default: the model's)")
+    p.add_argument("--eta", type=float, default=None, help="diffusion: DDIM noise (default: 0)")
+    p.add_argument("--guidance", type=float, default=None, help="diffusion: classifier-free guidance scale, 1 neutral (default: off)")
     p.add_argument("--nll-n", type=int, default=100, help="images for bits/dim where the model has nll (default: %(default)s)")
     p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default: %(default)s)")
@@ -552,28 +557,34 @@ def main(argv=None):
         model.eval()
         name = ckpt["config"]["data"]["name"]
         args.data_dir = args.data_dir or tcfg.data_dir
-        real, splits = load_set(name, "train", args.data_dir, args.n)
+        real, splits = load_set(name, args.against, args.data_dir, args.n)
         if splits["train"].info["kind"] == "tokens":
             raise MetricsError(f"{args.ckpt} is a text model: its bits/byte are in the run's log.jsonl")
         torch.manual_seed(args.seed)
         classes = getattr(mcfg, "num_classes", 0) or 0
+        kw = train.sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance)
         fake = []
         with torch.no_grad():
             for i in progress(range(0, args.n, args.batch_size), "sampling"):
                 b = min(args.batch_size, args.n - i)
                 y = (torch.arange(i, i + b, device=device) % classes) if classes else None
-                fake.append(model.sample(b, y=y).float().cpu())
+                try:
+                    fake.append(model.sample(b, y=y, **kw).float().cpu())
+                except ValueError as e:
+                    raise MetricsError(str(e))
         fake = torch.cat(fake)
         if fake.dim() == 4:
             fake = data.to_uint8(fake)  # what a sample saved as an image would be
-        rows, about = report(real, fake, real, splits, args, name)
+        train_set = real if args.against == "train" else load_set(name, "train", args.data_dir, args.n)[0]
+        rows, about = report(real, fake, train_set, splits, args, name)
         if hasattr(model, "nll") and splits["val"].info["kind"] == "image" and args.nll_n:
             x = splits["val"].images[:args.nll_n].float().div(127.5).sub(1).to(device)
             with torch.no_grad():
                 nll = torch.cat([model.nll(x[i:i + args.batch_size]).cpu() for i in
                                  progress(range(0, len(x), args.batch_size), "bits/dim")])
             rows[f"bits/dim ({len(x)} val images)"] = bits_per_dim(nll, x[0].numel())
-        what = f"{args.n} samples of {args.ckpt} vs {len(real)} of {name} train"
+        sampler = ", ".join(f"{k} {v}" for k, v in kw.items())
+        what = f"{args.n} samples of {args.ckpt}{f' ({sampler})' if sampler else ''} vs {len(real)} of {name} {args.against}"
         args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or ".", f"metrics-{args.features}.json")
     else:
         real, splits = load_set(args.real, "train", args.data_dir, args.n)

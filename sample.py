@@ -2,7 +2,7 @@
 
     python sample.py --ckpt out/gpt/ckpt.pt --prompt "def " --max-new-tokens 300 \
         --temperature 0.8 --top-k 50 --top-p 0.95
-    python sample.py --ckpt out/diffusion/ckpt.pt --num-samples 64 --label 3 --out three.png
+    python sample.py --ckpt out/diffusion/ckpt.pt --steps 50 --eta 0 --guidance 2 --label 3
 
 Text models print text; image models write a PNG grid (2D-point models a scatter plot)
 and can save the raw samples as a .npy for metrics.py. The checkpoint names its model,
@@ -27,6 +27,9 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=0, help="how many samples (default: 1 text, 64 images, 2000 points)")
     p.add_argument("--label", type=int, default=None, help="images: class of every sample (default: cycle through the classes)")
     p.add_argument("--out", default="", help="images: PNG to write (default: sample.png beside the checkpoint)")
+    p.add_argument("--steps", type=int, default=None, help="diffusion: sampling steps, DDIM when < T, 0 ancestral over all T (default: the model's)")
+    p.add_argument("--eta", type=float, default=None, help="diffusion: DDIM noise, 0 deterministic, 1 ancestral-like (default: 0)")
+    p.add_argument("--guidance", type=float, default=None, help="diffusion: classifier-free guidance scale, 1 neutral (default: off)")
     p.add_argument("--npy", default="", help="images: also save the samples here as uint8 (N, C, H, W), for metrics.py --fake")
     p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
@@ -84,9 +87,15 @@ def sample_pictures(args, ckpt, model, mcfg, device, dtype, kind):
     y = None
     if classes:
         y = torch.full((n,), args.label, device=device) if args.label is not None else torch.arange(n, device=device) % classes
+    import metrics  # for its progress bar
+    kw = train.sampler_kwargs(model, lambda steps: metrics.progress(steps, "sampling"),
+                              steps=args.steps, eta=args.eta, guidance=args.guidance)
     torch.manual_seed(args.seed)
-    with torch.no_grad(), train.autocast(device, dtype):
-        x = model.sample(n, y=y).float().cpu()
+    try:
+        with torch.no_grad(), train.autocast(device, dtype):
+            x = model.sample(n, y=y, **kw).float().cpu()
+    except ValueError as e:  # e.g. more steps than the model has
+        raise train.UsageError(str(e))
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "sample.png")
     if kind == "points":
         data.save_scatter(x, out, centers=data.POINTS[ckpt["config"]["data"]["name"]][0])

@@ -14,6 +14,7 @@ all-reduced once under DDP, unscaled, clipped, and one optimizer step.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib
 import importlib.util
@@ -59,6 +60,7 @@ class TrainConfig:
     beta1: float = 0.9              # Adam beta1; SGD momentum
     beta2: float = 0.95             # Adam beta2
     grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
+    ema: float = 0.0                # keep an exponential moving average of the weights with this decay (0: off); sampling, evaluation and metrics use it
     device: str = "auto"            # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"             # auto, bf16, fp16, fp32 (auto: bf16 where supported, else fp32)
     compile: bool = False           # torch.compile the model
@@ -176,6 +178,8 @@ def check(tcfg):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer (got {getattr(tcfg, name)})")
     if tcfg.max_iters < 0 or tcfg.max_time < 0 or tcfg.warmup_iters < 0 or tcfg.grad_clip < 0:
         raise UsageError("--max-iters, --max-time, --warmup-iters and --grad-clip must not be negative")
+    if not 0 <= tcfg.ema < 1:
+        raise UsageError(f"--ema {tcfg.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
     if tcfg.optimizer not in ("adamw", "adam", "sgd"):
         raise UsageError(f"--optimizer {tcfg.optimizer}: choose adamw, adam or sgd")
     if tcfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
@@ -278,6 +282,20 @@ def build_from_checkpoint(ckpt, device="cpu"):
     load_state(model, ckpt["model"], conf["model"])
     tcfg = TrainConfig(**{k: v for k, v in conf["train_config"].items() if hasattr(TrainConfig, k)})
     return module, model.to(device), tcfg, mcfg
+
+
+def sampler_kwargs(model, progress=None, **given):
+    """The sampler options the user gave (None: not given) that model.sample accepts, plus
+    a progress wrapper where it takes one; an option it does not take is a UsageError."""
+    import inspect
+    accepts = inspect.signature(model.sample).parameters
+    kw = {k: v for k, v in given.items() if v is not None}
+    for k in kw:
+        if k not in accepts:
+            raise UsageError(f"--{k}: this model's sampler takes no {k}")
+    if progress is not None and "progress" in accepts:
+        kw["progress"] = progress
+    return kw
 
 
 def load_state(model, state, name):
@@ -406,6 +424,9 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         except ValueError as e:
             raise UsageError(f"model settings: {e}")
     model.to(device)
+    # The average starts as the initial weights; its decay ramps up as min(ema, (1+step)/(10+step)),
+    # so a short run is not dominated by its random start.
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if tcfg.ema > 0 else None
     dtype = pick_dtype(tcfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -430,6 +451,8 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     start_step, best_val = 0, float("inf")
     if ckpt is not None:
         load_state(model, ckpt["model"], tcfg.model)
+        if ema is not None:
+            load_state(ema, ckpt["ema"] if ckpt.get("ema") else ckpt["model"], tcfg.model)
         for player, opt in optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][player])
         scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
@@ -494,9 +517,18 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         return optim.cosine_lr(step, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_iters=tcfg.warmup_iters,
                                decay_iters=horizon)
 
+    judge = ema if ema is not None else raw  # the weights that are evaluated and sampled
+
+    @torch.no_grad()
+    def update_ema(step):
+        d = min(tcfg.ema, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - d)
+        for e, b in zip(ema.buffers(), raw.buffers()):
+            e.copy_(b)
+
     @torch.no_grad()
     def evaluate():
-        raw.eval()
+        judge.eval()
         out = {}
         for split in ("train", "val"):
             # The same fixed batches at every evaluation, and the same for any process count.
@@ -507,12 +539,14 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 for m in range(k):
                     rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
                     with autocast(device, dtype):
-                        loss, _ = raw(*share(X, Y, rows))
+                        loss, _ = judge(*share(X, Y, rows))
                     total += loss.float() / k
             if ddp:
                 dist.all_reduce(total)
             out[split] = total.item() / (tcfg.eval_iters * world)
         raw.train()
+        if ema is not None:
+            ema.eval()
         return out
 
     def write_samples(step):
@@ -543,10 +577,12 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         # the same whether or not pictures were drawn, so a resumed run stays exact.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(tcfg.seed + step)
-            raw.eval()
+            judge.eval()
             with autocast(device, dtype):
-                x = raw.sample(n, y=y)
+                x = judge.sample(n, y=y)
             raw.train()
+            if ema is not None:
+                ema.eval()
         path = os.path.join(out_dir, f"samples-{step:06d}.png")
         if info["kind"] == "points":
             split = splits["train"]
@@ -567,6 +603,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             rngs = [mine]
         if master:
             save_checkpoint(dict(model=strip_prefixes(raw.state_dict()),
+                                 ema=strip_prefixes(ema.state_dict()) if ema is not None else None,
                                  optimizers={p: o.state_dict() for p, o in optimizers.items()},
                                  scaler=scaler.state_dict() if scaler.is_enabled() else None,
                                  step=step, best_val=best_val, config=conf, rng=rngs,
@@ -648,6 +685,8 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             opt.zero_grad(set_to_none=True)
         loss_n += 1
         step += 1
+        if ema is not None:
+            update_ema(step)
 
         if t_train is None:
             t_train, step_train = time.time(), step
@@ -664,7 +703,8 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             eta = (tcfg.max_iters - step) * dt / loss_n
             if tcfg.max_time:
                 eta = min(eta, max(0.0, tcfg.max_time - (time.time() - t0)))
-            say(f"step {step} | loss {mean:.4f} | lr {lr:.2e} | {speed / 1e3:.1f}k {unit}/s | ETA {eta / 60:.1f}m")
+            rate_text = f"{speed / 1e3:.1f}k" if speed >= 1e4 else f"{speed:.0f}"
+            say(f"step {step} | loss {mean:.4f} | lr {lr:.2e} | {rate_text} {unit}/s | ETA {eta / 60:.1f}m")
             log(dict(step=step, loss=mean, lr=lr, **{f"{unit}_per_s": speed}, time=time.time() - t0))
             loss_sum.zero_()
             loss_n = 0

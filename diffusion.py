@@ -1,0 +1,364 @@
+"""
+Denoising diffusion: DDPM (Ho et al. 2020) trained and sampled ancestrally, DDIM (Song
+et al. 2021) over any number of respaced steps, classifier-free guidance (Ho & Salimans
+2022), and the full variational bound in nats for bits/dim. One file, torch only.
+
+Indexing: the paper's timesteps t = 1..T are indices 0..T-1 here, so betas[0] is beta_1,
+alphas_cumprod[t] is alpha-bar of x at index t, and x at index 0 is one small step of
+noise away from the data. Data are images in [-1, 1] on the 8-bit grid.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DATA = "digits"
+
+
+@dataclass
+class Config:
+    channels: int = 1               # image channels (filled from the data)
+    image_size: int = 28            # image height = width (filled from the data)
+    num_classes: int = 0            # > 0: class-conditional with guidance (filled from labelled data); 0: unconditional
+    base: int = 64                  # U-Net channels at full resolution
+    mults: tuple = (1, 2, 2)        # channel multiplier per resolution level; each level after the first halves the size
+    num_res_blocks: int = 2         # residual blocks per level on the way down (one more on the way up)
+    attn_res: tuple = (14,)         # resolutions (pixels per side) whose blocks are followed by self-attention
+    dropout: float = 0.1            # dropout inside residual blocks
+    timesteps: int = 1000           # T, the number of noise levels
+    schedule: str = "linear"        # linear (DDPM: beta 1e-4..0.02 at T=1000) or cosine (Nichol & Dhariwal)
+    objective: str = "eps"          # what the network predicts: eps, x0 or v
+    variance: str = "small"         # reverse-process variance: small (beta-tilde) or large (beta)
+    p_uncond: float = 0.1           # conditional models: probability of dropping the label in training (for guidance)
+    sample_steps: int = 50          # default sampling: DDIM over this many steps (0: ancestral over all T)
+
+
+PRESETS = {
+    # Digits on a 2-core CPU in 20 minutes: 28 -> 14 -> 7 with 16, 32, 64 channels, attention
+    # at 7x7, T = 250 (sampling all T for a metric stays affordable on a CPU).
+    "tiny": dict(base=16, mults=(1, 2, 4), num_res_blocks=1, attn_res=(7,), dropout=0.0, timesteps=250,
+                 batch_size=64, lr=2e-3, min_lr=1e-4, warmup_iters=200, max_iters=8000, weight_decay=0.0,
+                 eval_interval=500, eval_iters=4, ema=0.999, sample_images=100),
+    # The DDPM paper's CIFAR-10 model and recipe (35.7M parameters). Use --data cifar10.
+    "ddpm-cifar10": dict(base=128, mults=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1,
+                         timesteps=1000, schedule="linear", objective="eps", variance="large",
+                         num_classes=0, batch_size=128, lr=2e-4, min_lr=2e-4, warmup_iters=5000,
+                         max_iters=800000, weight_decay=0.0, grad_clip=1.0, ema=0.9999),
+}
+
+# ---- the U-Net --------------------------------------------------------------------------
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps, as in the Transformer: [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.sin(), args.cos()], 1)
+
+
+def norm(ch):
+    # 32 groups as in DDPM for wide layers; narrow ones keep at least 4 channels per group,
+    # because a group of one channel would normalise away the per-channel time embedding.
+    return nn.GroupNorm(math.gcd(32, max(ch // 4, 1)), ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, emb_dim, dropout):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2, self.drop, self.conv2 = norm(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]  # the time (and class) tells the block the noise level
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the pixels of a feature map."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """DDPM's U-Net: residual blocks with GroupNorm and SiLU, a sinusoidal time embedding
+    (plus a class embedding) fed into every block, attention at chosen resolutions,
+    strided-conv downsampling and nearest-neighbour + conv upsampling, skip connections
+    from every block of the way down to the way up."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, emb_dim = cfg.base, 4 * cfg.base
+        self.base = ch
+        self.time = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # one extra row: the "no label" class that classifier-free guidance trains and samples with
+        self.label = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.inp = nn.Conv2d(cfg.channels, ch, 3, padding=1)
+        self.down, chans, res, cur = nn.ModuleList(), [ch], cfg.image_size, ch
+        for i, m in enumerate(cfg.mults):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(nn.ModuleList([ResBlock(cur, ch * m, emb_dim, cfg.dropout)]
+                                               + ([Attention(ch * m)] if res in cfg.attn_res else [])))
+                cur = ch * m
+                chans.append(cur)
+            if i < len(cfg.mults) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
+                chans.append(cur)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout), Attention(cur),
+                                  ResBlock(cur, cur, emb_dim, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(cfg.mults))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(nn.ModuleList([ResBlock(cur + chans.pop(), ch * m, emb_dim, cfg.dropout)]
+                                             + ([Attention(ch * m)] if res in cfg.attn_res else [])))
+                cur = ch * m
+            if i > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
+                                              nn.Conv2d(cur, cur, 3, padding=1)]))
+                res *= 2
+        self.out = nn.Sequential(norm(cur), nn.SiLU(), nn.Conv2d(cur, cfg.channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x, t, y=None):
+        emb = self.time(timestep_embedding(t, self.base))
+        if self.label is not None:
+            emb = emb + self.label(y)
+        h = self.inp(x)
+        skips = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, skips.pop()], 1)
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.out(h)
+
+# ---- the diffusion ------------------------------------------------------------------------
+
+
+def make_betas(schedule, T):
+    """float64 [T]. linear: DDPM's 1e-4..0.02, scaled by 1000/T so any T spans the same
+    noise range (capped at 0.999). cosine: alpha-bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008,
+    betas from its ratios, capped at 0.999 so the last step is not pure noise by fiat."""
+    if schedule == "linear":  # capped like cosine: at T < 50 the scaled betas would pass 1
+        scale = 1000 / T
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
+    if schedule == "cosine":
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"schedule {schedule!r}: choose linear or cosine")
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
+    return 0.5 * (logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2) ** 2 * (-logvar2).exp() - 1)
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log P(x) per element for x on the 256-level grid of [-1, 1] (bins 2/255 wide),
+    under N(mean, e^(2 log_scale)) integrated over x's bin; the end bins reach to -inf
+    and +inf, so the 256 probabilities sum to 1. Computed with log-CDFs on the side of
+    the bin's own tail, so a bin far from the mean gets its true small log-probability
+    rather than log of a rounded-off zero."""
+    inv = torch.exp(-log_scale)
+    upper = (x - mean + 1 / 255) * inv
+    lower = (x - mean - 1 / 255) * inv
+    # Phi(u) - Phi(l) = Phi(-l) - Phi(-u): use whichever pair sits in its lower tail
+    flip = (upper + lower) > 0
+    hi = torch.where(flip, -lower, upper)
+    lo = torch.where(flip, -upper, lower)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    mid = log_hi + torch.log1p(-torch.exp(log_lo - log_hi).clamp(max=1 - 1e-12))
+    return torch.where(x < -0.999, torch.special.log_ndtr(upper),
+                       torch.where(x > 0.999, torch.special.log_ndtr(-lower), mid))
+
+
+class Model(nn.Module):
+    players = ("model",)
+
+    def __init__(self, cfg):
+        super().__init__()
+        levels = len(cfg.mults) - 1
+        if cfg.image_size % (2 ** levels):
+            raise ValueError(f"image_size {cfg.image_size} is not divisible by 2^{levels}: the U-Net halves it "
+                             f"{levels} times; use fewer --mults")
+        if cfg.objective not in ("eps", "x0", "v") or cfg.variance not in ("small", "large"):
+            raise ValueError("objective must be eps, x0 or v and variance small or large")
+        if cfg.timesteps < 2 or not 0 <= cfg.p_uncond < 1:
+            raise ValueError("timesteps must be at least 2 and p_uncond in [0, 1)")
+        self.cfg = cfg
+        self.net = UNet(cfg)
+        # The schedule in float64; each coefficient is gathered, then cast to float32, per use.
+        betas = make_betas(cfg.schedule, cfg.timesteps)
+        ac = torch.cumprod(1 - betas, 0)
+        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        post_var = betas * (1 - ac_prev) / (1 - ac)  # beta-tilde; 0 at index 0
+        # log beta-tilde with index 0 taken from index 1, so no log 0 anywhere: at index 0
+        # the reverse step is the decoder, whose scale this sets (as in improved-diffusion).
+        post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+        large_logvar = torch.log(torch.cat([post_var[1:2], betas[1:]]))  # beta, first entry from beta-tilde
+        for name, value in dict(betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+                                posterior_variance=post_var, posterior_logvar=post_logvar,
+                                model_logvar=post_logvar if cfg.variance == "small" else large_logvar,
+                                posterior_mean_coef1=betas * ac_prev.sqrt() / (1 - ac),
+                                posterior_mean_coef2=(1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)).items():
+            self.register_buffer(name, value, persistent=False)  # rebuilt from cfg, never stale
+
+    def parameters_of(self, player):
+        return self.parameters()
+
+    def _at(self, name, t, x):
+        """Schedule coefficient `name` at timesteps t [B], float32, shaped to broadcast over x."""
+        return getattr(self, name)[t].float().view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t ~ q(x_t | x0) = N(sqrt(ab_t) x0, (1 - ab_t) I), given the noise."""
+        return self._at("alphas_cumprod", t, x0).sqrt() * x0 + (1 - self._at("alphas_cumprod", t, x0)).sqrt() * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Mean and variance of q(x_{t-1} | x_t, x0)."""
+        mean = self._at("posterior_mean_coef1", t, xt) * x0 + self._at("posterior_mean_coef2", t, xt) * xt
+        return mean, self._at("posterior_variance", t, xt)
+
+    def forward(self, x, y=None, player="model"):
+        """The simple loss: MSE between the network's output and its target at a uniform
+        random timestep (no clipping here: clipping belongs to sampling only)."""
+        B = x.shape[0]
+        t = torch.randint(0, self.cfg.timesteps, (B,), device=x.device)
+        noise = torch.randn_like(x)
+        xt = self.q_sample(x, t, noise)
+        if self.cfg.num_classes:
+            null = torch.full((B,), self.cfg.num_classes, device=x.device)
+            y = null if y is None else torch.where(torch.rand(B, device=x.device) < self.cfg.p_uncond, null, y)
+        ab = self._at("alphas_cumprod", t, x)
+        target = {"eps": noise, "x0": x, "v": ab.sqrt() * noise - (1 - ab).sqrt() * x}[self.cfg.objective]
+        out = self.net(xt, t, y if self.cfg.num_classes else None)
+        return F.mse_loss(out.float(), target), {}
+
+    def predict(self, xt, t, y=None, guidance=None, clip=True):
+        """(x0-hat, eps-hat) at x_t. Guidance mixes the conditional and unconditional
+        epsilons as eps_u + guidance * (eps_c - eps_u): guidance 1 is plain conditional
+        sampling (the neutral scale), 0 unconditional, above 1 stronger conditioning.
+        With clip, x0-hat is clamped to [-1, 1] and eps-hat recomputed from it, so the
+        step stays consistent with the clamped prediction."""
+        B = xt.shape[0]
+        if self.cfg.num_classes:
+            null = torch.full((B,), self.cfg.num_classes, device=xt.device)
+            y = null if y is None else y
+        else:
+            y = None
+        tt = torch.full((B,), t, device=xt.device) if isinstance(t, int) else t
+        if guidance is not None and self.cfg.num_classes:
+            out = self.net(torch.cat([xt, xt]), torch.cat([tt, tt]), torch.cat([y, null])).float()
+            eps_c, eps_u = self._eps(out[:B], xt, tt), self._eps(out[B:], xt, tt)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        else:
+            eps = self._eps(self.net(xt, tt, y).float(), xt, tt)
+        ab = self._at("alphas_cumprod", tt, xt)
+        x0 = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return x0, eps
+
+    def _eps(self, out, xt, t):
+        ab = self._at("alphas_cumprod", t, xt)
+        if self.cfg.objective == "eps":
+            return out
+        if self.cfg.objective == "x0":
+            return (xt - ab.sqrt() * out) / (1 - ab).sqrt()
+        return (1 - ab).sqrt() * xt + ab.sqrt() * out  # v = sqrt(ab) eps - sqrt(1-ab) x0
+
+    @torch.no_grad()
+    def sample(self, n, steps=None, eta=0.0, y=None, guidance=None, x_T=None, generator=None, progress=None):
+        """n images in [-1, 1]. steps=None uses cfg.sample_steps; steps=0 is ancestral
+        (DDPM) sampling over all T with the model's variance; otherwise DDIM over `steps`
+        respaced timesteps with noise eta (eta=1 over all T is ancestral with beta-tilde).
+        The last step returns x0-hat. y: labels [n] for a conditional model (None: the
+        unconditional model); guidance: see predict. progress: wraps the step iterator."""
+        device = self.betas.device
+        shape = (n, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+        x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
+        steps = self.cfg.sample_steps if steps is None else steps
+        T = self.cfg.timesteps
+        wrap = progress or (lambda it: it)
+        if steps == 0:
+            return self.sample_ancestral(x, y, guidance, generator, wrap)
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in 1..{T} (0: ancestral)")
+        # Evenly spaced from T-1 down to 0: the first step starts from pure noise, the last reaches the data.
+        seq = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().unique_consecutive().tolist()
+        for i in wrap(range(len(seq))):
+            t = seq[i]
+            x0, eps = self.predict(x, t, y, guidance)
+            if i == len(seq) - 1:
+                return x0
+            ab, ab_prev = float(self.alphas_cumprod[t]), float(self.alphas_cumprod[seq[i + 1]])
+            sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+            x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
+            if sigma > 0:
+                x = x + sigma * torch.randn(shape, generator=generator, device=device)
+        return x
+
+    def sample_ancestral(self, x, y, guidance, generator, wrap):
+        """DDPM: x_{t-1} ~ N(mean of q(x_{t-1} | x_t, x0-hat), the model's variance), no
+        noise at the last step (index 0), whose mean is x0-hat itself."""
+        for t in wrap(range(self.cfg.timesteps - 1, -1, -1)):
+            x0, _ = self.predict(x, t, y, guidance)
+            tt = torch.full((x.shape[0],), t, device=x.device)
+            x, _ = self.q_posterior(x0, x, tt)
+            if t > 0:
+                var = self.posterior_variance[t] if self.cfg.variance == "small" else self.model_logvar[t].exp()
+                x = x + float(var) ** 0.5 * torch.randn(x.shape, generator=generator, device=x.device)
+        return x
+
+    @torch.no_grad()
+    def nll(self, x, y=None, generator=None):
+        """The variational bound on -log p(x) in nats per image (T network passes):
+        the prior term KL(q(x_T | x) || N(0, I)), every KL(q(x_{t-1} | x_t, x) || p(x_{t-1} | x_t))
+        for t = 2..T at one sample of x_t each, and the discretised-Gaussian decoder
+        -log p(x | x_1) on the 8-bit grid. x0-hat is not clipped here: the bound is of the
+        model as trained. Noise is drawn for index 0, 1, ..., T-1 in that order."""
+        B, T = x.shape[0], self.cfg.timesteps
+        total = torch.zeros(B, dtype=torch.float64, device=x.device)
+        for t in range(T):
+            tt = torch.full((B,), t, device=x.device)
+            noise = torch.randn(x.shape, generator=generator, device=x.device)
+            xt = self.q_sample(x, tt, noise)
+            x0, _ = self.predict(xt, tt, y, clip=False)
+            mean, _ = self.q_posterior(x0, xt, tt)
+            logvar = self._at("model_logvar", tt, x)
+            if t == 0:
+                term = -discretized_gaussian_log_likelihood(x, mean, 0.5 * logvar)
+            else:
+                true_mean, _ = self.q_posterior(x, xt, tt)
+                term = normal_kl(true_mean, self._at("posterior_logvar", tt, x), mean, logvar)
+            total += term.flatten(1).double().sum(1)
+        ab_T = self.alphas_cumprod[-1].float()
+        prior = normal_kl(ab_T.sqrt() * x, torch.log(1 - ab_T).expand_as(x), torch.zeros_like(x), torch.zeros_like(x))
+        return total + prior.flatten(1).double().sum(1)
