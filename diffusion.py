@@ -211,6 +211,8 @@ class Model(nn.Module):
             raise ValueError("objective must be eps, x0 or v and variance small or large")
         if cfg.timesteps < 2 or not 0 <= cfg.p_uncond < 1:
             raise ValueError("timesteps must be at least 2 and p_uncond in [0, 1)")
+        if not 0 <= cfg.sample_steps <= cfg.timesteps:
+            raise ValueError(f"sample_steps {cfg.sample_steps} must be in 0..timesteps ({cfg.timesteps})")
         self.cfg = cfg
         self.net = UNet(cfg)
         # The schedule in float64; each coefficient is gathered, then cast to float32, per use.
@@ -306,6 +308,10 @@ class Model(nn.Module):
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)
         steps = self.cfg.sample_steps if steps is None else steps
         T = self.cfg.timesteps
+        if eta is None or eta < 0:
+            raise ValueError(f"eta must be 0 or more (got {eta})")
+        if guidance is not None and not self.cfg.num_classes:
+            raise ValueError("guidance needs a class-conditional model (trained with num_classes > 0)")
         wrap = progress or (lambda it: it)
         if steps == 0:
             return self.sample_ancestral(x, y, guidance, generator, wrap)

@@ -424,6 +424,9 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         except ValueError as e:
             raise UsageError(f"model settings: {e}")
     model.to(device)
+    # From here each rank draws its own noise (dropout, diffusion's t and epsilon): with one
+    # seed on every rank, rank r's rows would get exactly rank 0's noise.
+    torch.manual_seed(tcfg.seed + 1 + rank)
     # The average starts as the initial weights; its decay ramps up as min(ema, (1+step)/(10+step)),
     # so a short run is not dominated by its random start.
     ema = copy.deepcopy(model).requires_grad_(False).eval() if tcfg.ema > 0 else None
@@ -528,6 +531,13 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
 
     @torch.no_grad()
     def evaluate():
+        # A model that draws noise in its loss (diffusion) gets the same noise at every
+        # evaluation, and the training noise after it is as if no evaluation had run.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(tcfg.seed * 7919 + 1 + rank)
+            return evaluate_splits()
+
+    def evaluate_splits():
         judge.eval()
         out = {}
         for split in ("train", "val"):
@@ -557,9 +567,9 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         tok = data.get_tokenizer(tcfg.tokenizer)
         prompt = [tok.eot] if tok.eot is not None else tok.encode("\n")
         g = torch.Generator(device=device).manual_seed(tcfg.seed + step)
-        raw.eval()
+        judge.eval()
         with autocast(device, dtype):
-            ids = raw.generate(torch.tensor([prompt], device=device), tcfg.sample_tokens,
+            ids = judge.generate(torch.tensor([prompt], device=device), tcfg.sample_tokens,
                                temperature=0.8, top_k=200, generator=g)
         raw.train()
         text = tok.decode(ids[0, len(prompt):].tolist())
