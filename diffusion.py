@@ -22,11 +22,11 @@ class Config:
     channels: int = 1               # image channels (filled from the data)
     image_size: int = 28            # image height = width (filled from the data)
     num_classes: int = 0            # > 0: class-conditional with guidance (filled from labelled data); 0: unconditional
-    base: int = 64                  # U-Net channels at full resolution
-    mults: tuple = (1, 2, 2)        # channel multiplier per resolution level; each level after the first halves the size
-    num_res_blocks: int = 2         # residual blocks per level on the way down (one more on the way up)
-    attn_res: tuple = (14,)         # resolutions (pixels per side) whose blocks are followed by self-attention
-    dropout: float = 0.1            # dropout inside residual blocks
+    base: int = 16                  # U-Net channels at full resolution (DDPM's CIFAR-10 model: 128)
+    mults: tuple = (1, 2, 4)        # channel multiplier per resolution level; each level after the first halves the size
+    num_res_blocks: int = 1         # residual blocks per level on the way down (one more on the way up)
+    attn_res: tuple = (7,)          # resolutions (pixels per side) whose blocks are followed by self-attention
+    dropout: float = 0.0            # dropout inside residual blocks
     timesteps: int = 1000           # T, the number of noise levels
     schedule: str = "linear"        # linear (DDPM: beta 1e-4..0.02 at T=1000) or cosine (Nichol & Dhariwal)
     objective: str = "eps"          # what the network predicts: eps, x0 or v
@@ -35,6 +35,7 @@ class Config:
     sample_steps: int = 50          # default sampling: DDIM over this many steps (0: ancestral over all T)
 
 
+# The defaults are a small model that trains on digits on a laptop CPU; presets scale it.
 PRESETS = {
     # Digits on a 2-core CPU in 20 minutes: 28 -> 14 -> 7 with 16, 32, 64 channels, attention
     # at 7x7, T = 250 (sampling all T for a metric stays affordable on a CPU).
