@@ -34,6 +34,7 @@ import zlib
 import struct
 import hashlib
 import sysconfig
+import urllib.request
 
 import numpy as np
 import torch
@@ -437,7 +438,6 @@ def fetch(name, data_dir):
         for base in spec["urls"]:
             print(f"data: downloading {base}{fname}", file=sys.stderr)
             try:
-                import urllib.request
                 with urllib.request.urlopen(base + fname, timeout=30) as r:
                     atomic_write(os.path.join(folder, fname), lambda f: _copy(r, f, spec["files"][fname], fname))
                 break

@@ -552,8 +552,6 @@ def main(argv=None):
     if args.ckpt:
         ckpt = train.load_checkpoint(args.ckpt)
         module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device)
-        if ckpt.get("ema"):
-            model.load_state_dict(ckpt["ema"])  # the averaged weights are the ones to judge
         model.eval()
         name = ckpt["config"]["data"]["name"]
         args.data_dir = args.data_dir or tcfg.data_dir

@@ -50,8 +50,6 @@ def main(argv=None):
     ckpt = train.load_checkpoint(args.ckpt)
     module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device)
     model.eval()
-    if ckpt.get("ema"):
-        model.load_state_dict(ckpt["ema"])  # the averaged weights sample better
     kind = ckpt["config"]["data"].get("kind", "tokens")
     if kind != "tokens":
         return sample_pictures(args, ckpt, model, mcfg, device, dtype, kind)

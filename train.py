@@ -274,12 +274,13 @@ def strip_prefixes(state_dict):
 
 
 def build_from_checkpoint(ckpt, device="cpu"):
-    """(module, model, TrainConfig, Config) from a checkpoint, for sample.py and the like."""
+    """(module, model, TrainConfig, Config) from a checkpoint, for sample.py and the like.
+    The model carries the EMA weights where the run kept them: those are the ones to use."""
     conf = ckpt["config"]
     module = load_module(conf["model_path"] if os.path.isfile(conf.get("model_path", "")) else conf["model"])
     mcfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in conf["model_config"].items()})
     model = module.Model(mcfg)
-    load_state(model, ckpt["model"], conf["model"])
+    load_state(model, ckpt.get("ema") or ckpt["model"], conf["model"])
     tcfg = TrainConfig(**{k: v for k, v in conf["train_config"].items() if hasattr(TrainConfig, k)})
     return module, model.to(device), tcfg, mcfg
 
@@ -522,11 +523,14 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
 
     judge = ema if ema is not None else raw  # the weights that are evaluated and sampled
 
+    ema_pairs = (list(ema.parameters()), list(raw.parameters()), list(zip(ema.buffers(), raw.buffers()))) \
+        if ema is not None else None
+
     @torch.no_grad()
     def update_ema(step):
         d = min(tcfg.ema, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(ema.parameters()), list(raw.parameters()), 1 - d)
-        for e, b in zip(ema.buffers(), raw.buffers()):
+        torch._foreach_lerp_(ema_pairs[0], ema_pairs[1], 1 - d)
+        for e, b in ema_pairs[2]:
             e.copy_(b)
 
     @torch.no_grad()
