@@ -703,13 +703,13 @@ def load(name, *, tokenizer="bytes", data_dir="data", block_size=256):
         for s, (images, labels) in arrays.items():
             c, h, w = images.shape[1:]
             info = {"kind": "image", "shape": (c, h, w), "channels": c, "image_size": h,
-                    "num_classes": None if labels is None else 10, "vocab_size": None,
+                    "num_classes": None if labels is None else 10, "vocab_size": None, "point_dim": 0,
                     "num_examples": len(images)}
             out[s] = ImageSplit(images, labels, info)
         return out
     if name in POINTS:
         centers, std = POINTS[name]
-        info = {"kind": "points", "shape": (2,), "num_classes": None, "vocab_size": None,
+        info = {"kind": "points", "shape": (2,), "point_dim": 2, "num_classes": None, "vocab_size": None,
                 "num_modes": len(centers), "mode_std": std}
         return {s: PointSplit(centers, std, info) for s in ("train", "val")}
     if name == "pystdlib":

@@ -12,6 +12,7 @@ downloaded once); `classifier` works offline on labelled datasets and is trained
 the dataset's train split, then cached.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -535,6 +536,7 @@ def main(argv=None):
     p.add_argument("--eta", type=float, default=None, help="diffusion: DDIM noise (default: 0)")
     p.add_argument("--guidance", type=float, default=None, help="diffusion: classifier-free guidance scale, 1 neutral (default: off)")
     p.add_argument("--nll-n", type=int, default=100, help="images for bits/dim where the model has nll (default: %(default)s)")
+    p.add_argument("--iwae-k", type=int, default=1000, help="VAE: importance samples of its IWAE bound (default: %(default)s)")
     p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default: %(default)s)")
     p.add_argument("--data-dir", default="", help="datasets and cached classifiers (default: the checkpoint's, else data)")
@@ -544,8 +546,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if bool(args.ckpt) == bool(args.real or args.fake) or bool(args.real) != bool(args.fake):
         raise MetricsError("give --ckpt, or both --real and --fake")
-    if args.n < 2 or args.nll_n < 0 or args.k < 1 or args.batch_size < 1:
-        raise MetricsError("--n must be at least 2, --k and --batch-size positive, --nll-n not negative")
+    if args.n < 2 or args.nll_n < 0 or args.k < 1 or args.batch_size < 1 or args.iwae_k < 1:
+        raise MetricsError("--n must be at least 2, --k, --iwae-k and --batch-size positive, --nll-n not negative")
     device = train.pick_device(args.device, 0)
     args.device, args.data_dir = device, args.data_dir or ("" if args.ckpt else "data")
 
@@ -577,10 +579,13 @@ def main(argv=None):
         rows, about = report(real, fake, train_set, splits, args, name)
         if hasattr(model, "nll") and splits["val"].info["kind"] == "image" and args.nll_n:
             x = splits["val"].images[:args.nll_n].float().div(127.5).sub(1).to(device)
+            iwae = "k" in inspect.signature(model.nll).parameters
+            kw = {"k": args.iwae_k} if iwae else {}
             with torch.no_grad():
-                nll = torch.cat([model.nll(x[i:i + args.batch_size]).cpu() for i in
+                nll = torch.cat([model.nll(x[i:i + args.batch_size], **kw).cpu() for i in
                                  progress(range(0, len(x), args.batch_size), "bits/dim")])
-            rows[f"bits/dim ({len(x)} val images)"] = bits_per_dim(nll, x[0].numel())
+            bound = f", IWAE k={args.iwae_k}" if iwae else ""
+            rows[f"bits/dim ({len(x)} val images{bound})"] = bits_per_dim(nll, x[0].numel())
         sampler = ", ".join(f"{k} {v}" for k, v in kw.items())
         what = f"{args.n} samples of {args.ckpt}{f' ({sampler})' if sampler else ''} vs {len(real)} of {name} {args.against}"
         args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or ".", f"metrics-{args.features}.json")

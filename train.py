@@ -10,7 +10,8 @@ the command line win over the preset, which wins over the defaults.
 
 The loop, per step: for each player (one for most models; discriminator then
 generator for a GAN), grad_accum micro-batches forward and backward, gradients
-all-reduced once under DDP, unscaled, clipped, and one optimizer step.
+all-reduced once under DDP, unscaled, clipped, one optimizer step, and every gradient
+cleared, so one player's backward pass never reaches the next player's step.
 """
 import argparse
 import contextlib
@@ -414,7 +415,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             fix = "use --tokenizer gpt2" if model is not None else "raise --vocab-size or pick another tokenizer"
             raise UsageError(f"tokenizer {tcfg.tokenizer} has {info['vocab_size']} symbols but the model's "
                              f"vocab_size is {mcfg.vocab_size}; {fix}")
-    for k in ("channels", "image_size", "num_classes"):
+    for k in ("channels", "image_size", "num_classes", "point_dim"):
         if info.get(k) is not None and hasattr(mcfg, k) and k not in given:
             setattr(mcfg, k, info[k])
 
@@ -425,18 +426,16 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         except ValueError as e:
             raise UsageError(f"model settings: {e}")
     model.to(device)
-    # From here each rank draws its own noise (dropout, diffusion's t and epsilon): with one
-    # seed on every rank, rank r's rows would get exactly rank 0's noise.
-    torch.manual_seed(tcfg.seed + 1 + rank)
     # The average starts as the initial weights; its decay ramps up as min(ema, (1+step)/(10+step)),
     # so a short run is not dominated by its random start.
     ema = copy.deepcopy(model).requires_grad_(False).eval() if tcfg.ema > 0 else None
     dtype = pick_dtype(tcfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    # One optimizer per player, weight decay on matrices and embeddings only.
+    # One optimizer per player (a player may be listed more than once: it steps that often),
+    # weight decay on matrices and embeddings only.
     optimizers = {}
-    for player in model.players:
+    for player in dict.fromkeys(model.players):
         params = list(model.parameters_of(player))
         ids = {id(p) for p in params}
         named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
@@ -462,13 +461,6 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
         start_step, best_val = ckpt["step"], ckpt["best_val"]
         stream.set_state(ckpt["data_rng"])
-        rngs = ckpt["rng"]
-        if len(rngs) == world:
-            torch.set_rng_state(rngs[rank]["torch"])
-            if device.type == "cuda" and rngs[rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
-        else:  # the data stream still continues exactly; only dropout noise differs
-            say(f"warning: saved by {len(rngs)} processes, resumed by {world}: per-process RNG states restart")
         say(f"resumed from {ckpt_path} at step {start_step}")
 
     raw = model
@@ -479,7 +471,11 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         else:
             model = torch.compile(model)
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # With two players, each forward leaves the other's parameters without gradients
+        # (D's step runs G without a graph): DDP must look for them rather than wait.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=len(set(raw.players)) > 1)
 
     if master:
         try:
@@ -522,6 +518,8 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                                decay_iters=horizon)
 
     judge = ema if ema is not None else raw  # the weights that are evaluated and sampled
+    names = list(dict.fromkeys(raw.players))  # each player once, in order
+    lr_mult = getattr(raw, "lr_mult", {})  # e.g. a GAN's TTUR: {"discriminator": 2.0}
 
     ema_pairs = (list(ema.parameters()), list(raw.parameters()), list(zip(ema.buffers(), raw.buffers()))) \
         if ema is not None else None
@@ -533,34 +531,39 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         for e, b in ema_pairs[2]:
             e.copy_(b)
 
+    def seed_noise(*where):
+        """Seed the noise a model draws in its forward (dropout, diffusion's t and epsilon,
+        a GAN's z) from where in the run it is, e.g. (step, player, micro-batch): the run
+        then depends only on the global batch, not on the process count, and a resumed
+        run draws exactly what an uninterrupted one would have. (Python's hash of a tuple
+        of ints is the same in every process.)"""
+        torch.manual_seed(hash((tcfg.seed,) + where) & 0x7FFF_FFFF_FFFF_FFFF)
+
     @torch.no_grad()
     def evaluate():
-        # A model that draws noise in its loss (diffusion) gets the same noise at every
-        # evaluation, and the training noise after it is as if no evaluation had run.
+        """{split: {player: mean loss}} on fixed batches with fixed noise, the same at every
+        evaluation and for any process count; the training noise is untouched (forked RNG)."""
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(tcfg.seed * 7919 + 1 + rank)
-            return evaluate_splits()
-
-    def evaluate_splits():
-        judge.eval()
-        out = {}
-        for split in ("train", "val"):
-            # The same fixed batches at every evaluation, and the same for any process count.
-            g = torch.Generator().manual_seed(tcfg.seed * 7919 + (split == "val"))
-            total = torch.zeros((), device=device)
-            for _ in range(tcfg.eval_iters):  # global batches, sliced as in training
-                X, Y = splits[split].batch(tcfg.batch_size * k * world, g)
-                for m in range(k):
-                    rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
-                    with autocast(device, dtype):
-                        loss, _ = judge(*share(X, Y, rows))
-                    total += loss.float() / k
-            if ddp:
-                dist.all_reduce(total)
-            out[split] = total.item() / (tcfg.eval_iters * world)
-        raw.train()
-        if ema is not None:
-            ema.eval()
+            judge.eval()
+            out = {}
+            for split in ("train", "val"):
+                g = torch.Generator().manual_seed(tcfg.seed * 7919 + (split == "val"))
+                total = torch.zeros(len(names), device=device)
+                for i in range(tcfg.eval_iters):  # global batches, sliced as in training
+                    X, Y = splits[split].batch(tcfg.batch_size * k * world, g)
+                    for m in range(k):
+                        rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
+                        for j, player in enumerate(names):
+                            seed_noise(-1, split == "val", i, j, rank * k + m)
+                            with autocast(device, dtype):
+                                loss, _ = judge(*share(X, Y, rows), player=player)
+                            total[j] += loss.float() / k
+                if ddp:
+                    dist.all_reduce(total)
+                out[split] = dict(zip(names, (total / (tcfg.eval_iters * world)).tolist()))
+            raw.train()
+            if ema is not None:
+                ema.eval()
         return out
 
     def write_samples(step):
@@ -583,7 +586,9 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
 
     def write_picture(step):
         """Images: a grid, one column per class for a model with classes. Points: a scatter
-        over the true modes. Written to <out_dir>/samples-<step>.png and samples.png."""
+        over the true modes. Written to <out_dir>/samples-<step>.png and samples.png. A model
+        that can reconstruct (VAE) also gets reconstructions.png (rows of inputs, each above
+        its reconstructions) and interpolations.png (a row from one val image to another)."""
         n = 2000 if info["kind"] == "points" else tcfg.sample_images
         classes = getattr(mcfg, "num_classes", 0) or 0
         y = (torch.arange(n, device=device) % classes) if classes else None
@@ -594,6 +599,13 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             judge.eval()
             with autocast(device, dtype):
                 x = judge.sample(n, y=y)
+                pairs = None
+                rows = min(4, len(splits["val"].images) // 10) if info["kind"] == "image" else 0
+                if rows and hasattr(judge, "reconstruct"):
+                    real = splits["val"].images[:10 * rows].to(device).float().div(127.5).sub(1)
+                    shape = (rows, 10, *real.shape[1:])
+                    pairs = torch.stack([real.view(shape), judge.reconstruct(real).view(shape)], 1)
+                    line = judge.interpolate(real[:5], real[5:10], 10) if hasattr(judge, "interpolate") else None
             raw.train()
             if ema is not None:
                 ema.eval()
@@ -603,24 +615,22 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             data.save_scatter(x, path, centers=split.centers, radius=3 * split.std)
         else:
             data.save_grid(x, path, nrow=classes if classes else int(math.ceil(math.sqrt(n))))
+            if pairs is not None:
+                data.save_grid(pairs.flatten(0, 2), os.path.join(out_dir, "reconstructions.png"), nrow=10)
+                if line is not None:
+                    data.save_grid(line.flatten(0, 1), os.path.join(out_dir, "interpolations.png"), nrow=10)
         shutil.copyfile(path, os.path.join(out_dir, "samples.png"))
         say(f"samples: {path}")
 
     def checkpoint(step, evaluated, path=ckpt_path):
-        # Every rank's RNG states, so each one continues exactly where it stopped.
-        mine = dict(torch=torch.get_rng_state(),
-                    cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, mine)
-        else:
-            rngs = [mine]
+        # No RNG states: the noise of every micro-batch is seeded from its place in the run
+        # (see the loop), so a resumed run draws what an uninterrupted one would have.
         if master:
             save_checkpoint(dict(model=strip_prefixes(raw.state_dict()),
                                  ema=strip_prefixes(ema.state_dict()) if ema is not None else None,
                                  optimizers={p: o.state_dict() for p, o in optimizers.items()},
                                  scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                                 step=step, best_val=best_val, config=conf, rng=rngs,
+                                 step=step, best_val=best_val, config=conf,
                                  data_rng=stream.get_state(), horizon=horizon, evaluated=evaluated,
                                  elapsed=time.time() - t0), path)
 
@@ -639,7 +649,16 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         bad = int(worst.item())
         return bad >= 0
 
-    loss_sum, loss_n = torch.zeros((), device=device), 0
+    sums, loss_n = {}, 0  # running sums of what the log shows: each player's loss and its model's parts
+
+    def tally(player, loss, parts):
+        """Add a micro-batch's loss and logged parts (tensors, no device sync) to the sums."""
+        tag = "" if len(names) == 1 else f"_{player}"
+        for key, v in {"loss": loss, **parts}.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
+            sums[key + tag] = sums.get(key + tag, 0) + v / (k * raw.players.count(player))
+        return sums["loss" + tag]
+
     t0 = t_log = time.time()
     if ckpt is not None and "max_time" not in given:  # the budget is the whole run's, not this process's
         t0 -= ckpt.get("elapsed", 0.0)
@@ -653,14 +672,19 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             if any_bad():
                 break
             losses = evaluate()
-            rec = dict(step=step, train_loss=losses["train"], val_loss=losses["val"], time=time.time() - t0)
+            rec = dict(step=step, time=time.time() - t0)
+            for split in ("train", "val"):
+                rec.update({f"{split}_loss" + (f"_{p}" if len(names) > 1 else ""): v for p, v in losses[split].items()})
             if "bytes_per_token" in info:
-                rec["val_bpb"] = losses["val"] / math.log(2) / info["bytes_per_token"]
-            say(f"eval step {step}: train {losses['train']:.4f} | val {losses['val']:.4f}"
+                rec["val_bpb"] = rec["val_loss"] / math.log(2) / info["bytes_per_token"]
+            say(f"eval step {step}: " + " | ".join(f"{key.replace('_loss', '')} {v:.4f}" for key, v in rec.items()
+                                                    if "_loss" in key)
                 + (f" | val {rec['val_bpb']:.3f} bits/byte" if "val_bpb" in rec else ""))
             log(rec)
-            improved = losses["val"] < best_val
-            best_val = min(best_val, losses["val"])
+            # The best validation loss means something for one player; a GAN's players' losses
+            # rise and fall against each other, so a GAN keeps no best.pt.
+            improved = len(names) == 1 and rec["val_loss"] < best_val
+            best_val = min(best_val, rec["val_loss"]) if improved else best_val
             if step > 0:
                 checkpoint(step, evaluated=True)
                 if improved and master:
@@ -675,28 +699,33 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             break
 
         lr = lr_at(step)
-        for player in raw.players:
+        if hasattr(raw, "step"):  # for schedules inside a model, e.g. the VAE's KL warm-up
+            raw.step = step
+        for i, player in enumerate(raw.players):
             opt = optimizers[player]
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * lr_mult.get(player, 1.0)
             X, Y = splits["train"].batch(tcfg.batch_size * k * world, stream)
             for m in range(k):
                 rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
                 x, y = share(X, Y, rows)
+                seed_noise(step, i, rank * k + m)
                 # All-reduce gradients only on the last micro-step.
                 sync = contextlib.nullcontext() if (not ddp or m == k - 1) else model.no_sync()
                 with sync:
                     with autocast(device, dtype):
-                        loss, _ = model(x, y, player=player)
+                        loss, parts = model(x, y, player=player)
                     scaler.scale(loss / k).backward()
-                loss_sum += loss.detach().float() / k
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_sum), step, bad_step)
+                total = tally(player, loss, parts)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total), step, bad_step)
             if tcfg.grad_clip > 0:
                 scaler.unscale_(opt)
                 optim.clip_grad_norm_(raw.parameters_of(player), tcfg.grad_clip)
             scaler.step(opt)
             scaler.update()
-            opt.zero_grad(set_to_none=True)
+            # Every gradient, not just this player's: the generator's backward pass also
+            # fills D's, which must not add to D's next step.
+            raw.zero_grad(set_to_none=True)
         loss_n += 1
         step += 1
         if ema is not None:
@@ -707,21 +736,22 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
             if any_bad():
                 break
+            shown = torch.stack(list(sums.values()))
             if ddp:  # the logged loss is the global batch's, not rank 0's share
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
+                dist.all_reduce(shown)
+                shown /= world
             dt = time.time() - t_log
             t_log = time.time()
-            mean = loss_sum.item() / loss_n
+            losses = dict(zip(sums, (shown / loss_n).tolist()))
             speed = loss_n * units_per_step / dt
             eta = (tcfg.max_iters - step) * dt / loss_n
             if tcfg.max_time:
                 eta = min(eta, max(0.0, tcfg.max_time - (time.time() - t0)))
             rate_text = f"{speed / 1e3:.1f}k" if speed >= 1e4 else f"{speed:.0f}"
-            say(f"step {step} | loss {mean:.4f} | lr {lr:.2e} | {rate_text} {unit}/s | ETA {eta / 60:.1f}m")
-            log(dict(step=step, loss=mean, lr=lr, **{f"{unit}_per_s": speed}, time=time.time() - t0))
-            loss_sum.zero_()
-            loss_n = 0
+            say(f"step {step} | " + " | ".join(f"{key.replace('_', ' ')} {v:.4f}" for key, v in losses.items())
+                + f" | lr {lr:.2e} | {rate_text} {unit}/s | ETA {eta / 60:.1f}m")
+            log(dict(step=step, **losses, lr=lr, **{f"{unit}_per_s": speed}, time=time.time() - t0))
+            sums, loss_n = {}, 0
             # Stop decisions are taken together, here, so no rank waits on another forever.
             elapsed = time.time() - t0
             rate = (step - step_train) / max(time.time() - t_train, 1e-9)  # steps/s, evals included

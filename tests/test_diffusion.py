@@ -216,15 +216,30 @@ def test_resume_with_ema_continues_exactly(shared_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bf16_and_two_processes_run(shared_data, tmp_path):
+def test_bf16_runs_and_two_processes_equal_one_with_accumulation(shared_data, tmp_path):
     r = run(*FAST, "--max-iters", "2", "--eval-interval", "2", "--dtype", "bf16", "--data-dir", shared_data,
             "--out-dir", str(tmp_path / "bf16"))
     assert r.returncode == 0, r.stderr
+    # Each micro-batch's noise (t, epsilon, label dropout) is seeded by its place in the
+    # global batch, so the process count does not change the run.
+    common = [*FAST, "--max-iters", "3", "--eval-interval", "3", "--batch-size", "4", "--data-dir", shared_data,
+              "--dtype", "fp32"]
+    r = run(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "train.py", *FAST, "--max-iters", "2", "--eval-interval", "2", "--data-dir", shared_data,
-                        "--out-dir", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "train.py", *common, "--out-dir", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert os.path.exists(tmp_path / "ddp" / "ckpt.pt")
+    la, lb = (list(map(json.loads, open(tmp_path / d / "log.jsonl"))) for d in ("one", "ddp"))
+    assert [sorted(x) for x in la] == [sorted(x) for x in lb]
+    for x, y in zip(la, lb):
+        for key in x:
+            if "loss" in key:
+                assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=0)
 
 
 def test_sample_py_ddim_guidance_label(shared_data, tmp_path):

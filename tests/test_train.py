@@ -64,7 +64,7 @@ def test_micro_batches_equal_one_big_batch(tmp_path, corpus):
 
 
 def test_resume_continues_exactly(tmp_path, corpus):
-    # dropout on, so the restored RNG state matters too
+    # dropout on, so the noise must continue exactly too (it is seeded by step, not restored)
     common = ["--eval-interval", "3", "--lr-decay-iters", "8", "--dropout", "0.1", "--batch-size", "4"]
     assert train.main(args(tmp_path, corpus, "whole", *common, "--max-iters", "8")) == 0
     assert train.main(args(tmp_path, corpus, "parts", *common, "--max-iters", "5")) == 0

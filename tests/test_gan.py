@@ -1,0 +1,139 @@
+"""gan.py: the two-player step in train.py, under DDP and bf16, and mode coverage."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gan
+import metrics
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POINTS = ["--model", "gan", "--data", "grid25", "--width", "8", "--z-dim", "4", "--batch-size", "32",
+          "--eval-iters", "1", "--log-interval", "1", "--dtype", "fp32", "--lr", "1e-3", "--warmup-iters", "0"]
+DIGITS = ["--model", "gan", "--width", "8", "--z-dim", "8", "--batch-size", "8", "--eval-iters", "1",
+          "--log-interval", "1", "--sample-images", "10"]
+
+
+def run(*argv, nproc=1):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    env = dict(os.environ, OMP_NUM_THREADS="1") if nproc > 1 else None
+    r = subprocess.run([sys.executable, *launcher, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def log(out):
+    return [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def player_model(tmp_path, players):
+    """A model file that is gan.Model with another order of players, and that fails if a
+    player's step starts with any gradient left over from the step before."""
+    path = tmp_path / f"gan_{'_'.join(p[0] for p in players)}.py"
+    path.write_text(
+        "import torch\nimport gan\nfrom gan import Config, PRESETS, DATA\n\n"
+        "class Model(gan.Model):\n"
+        "    def __init__(self, cfg):\n"
+        "        super().__init__(cfg)\n"
+        f"        self.players = {tuple(players)!r}\n\n"
+        "    def forward(self, x, y=None, player='generator'):\n"
+        "        if torch.is_grad_enabled():\n"
+        "            stale = [n for n, p in self.named_parameters() if p.grad is not None]\n"
+        "            if stale:\n"
+        "                raise RuntimeError(f'{player} step starts with gradients on {stale[:3]}')\n"
+        "        return super().forward(x, y, player)\n")
+    return str(path)
+
+
+def initial_weights(out):
+    """The weights train.py started from: the same seed, the same config."""
+    conf = ckpt(out)["config"]
+    torch.manual_seed(conf["train_config"]["seed"])
+    cfg = gan.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in conf["model_config"].items()})
+    return gan.Model(cfg).state_dict()
+
+
+def test_each_player_steps_only_its_own_parameters(tmp_path):
+    common = [*POINTS, "--max-iters", "3", "--eval-interval", "3", "--optimizer", "sgd", "--weight-decay", "0"]
+    for players, moved in ((["discriminator"], "discriminator."), (["generator"], "generator."),
+                           # G first: its backward pass fills D's gradients, which must not reach D's step
+                           (["generator", "discriminator"], None)):
+        out = str(tmp_path / "_".join(players))
+        run(*common, "--model", player_model(tmp_path, players), "--out-dir", out)
+        before, after = initial_weights(out), ckpt(out)["model"]
+        assert before.keys() == after.keys()
+        for k in before:
+            changed = not torch.equal(before[k], after[k])
+            if moved is None:
+                assert changed or not k.endswith(("weight", "original", "bias")), k
+            elif k.endswith(("weight", "original", "bias")):
+                assert changed == k.startswith(moved), (players, k)
+
+
+@pytest.mark.parametrize("sn,tol", [(False, 1e-5), (True, 2e-4)])
+def test_two_processes_equal_one_process_for_two_players(tmp_path, sn, tol):
+    # R1 on, so the penalty's double backward runs under DDP as well. Spectral norm's power
+    # iteration runs once per forward pass, so 2 micro-batches take 2 iterations where 2
+    # processes take 1 each: with it on, the runs differ by about 1e-5 in the loss.
+    common = [*POINTS, "--max-iters", "3", "--eval-interval", "3", "--r1", "0.5", "--d-steps", "2",
+              "--spectral-norm" if sn else "--no-spectral-norm"]
+    run(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "one"))
+    r = run(*common, "--out-dir", str(tmp_path / "two"), nproc=2)
+    assert "2 process(es)" in r.stdout
+    a, b = log(tmp_path / "one"), log(tmp_path / "two")
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if "loss" in key:
+                assert abs(ra[key] - rb[key]) < tol, (key, ra, rb)
+    assert {"loss_discriminator", "loss_generator"} <= set(a[1])
+    if not sn:  # (with it, Adam's first steps magnify the 1e-5 into weights 1e-3 apart)
+        pa, pb = ckpt(tmp_path / "one")["model"], ckpt(tmp_path / "two")["model"]
+        for k in pa:
+            torch.testing.assert_close(pa[k], pb[k], atol=tol, rtol=0)
+
+
+def test_digits_bf16_hinge_projection_and_concat_run(shared_data, tmp_path):
+    for extra in (["--dtype", "bf16", "--loss", "hinge"], ["--cond", "concat", "--no-spectral-norm", "--r1", "1"]):
+        out = tmp_path / extra[1]
+        run(*DIGITS, "--max-iters", "2", "--eval-interval", "2", "--data-dir", shared_data, "--out-dir", str(out), *extra)
+        assert os.path.getsize(out / "samples.png") > 100
+        assert not os.path.exists(out / "best.pt")  # a GAN's losses pick no best
+        model = train.build_from_checkpoint(ckpt(out))[1]
+        x = model.sample(6, y=torch.arange(6))
+        assert x.shape == (6, 1, 28, 28) and x.abs().max() <= 1
+
+
+def test_mode_coverage_rises_on_grid25(tmp_path):
+    out = tmp_path / "cover"
+    run("--model", "gan", "--preset", "grid25", "--width", "16", "--batch-size", "128", "--max-iters", "600",
+        "--eval-interval", "600", "--eval-iters", "1", "--log-interval", "100", "--out-dir", str(out))
+    late = train.build_from_checkpoint(ckpt(out))[1].eval()
+    torch.manual_seed(0)
+    early = gan.Model(late.cfg).eval()  # an untrained G puts everything near the origin: one mode
+    centers, std = gan_points()
+    g = torch.Generator().manual_seed(0)
+    before = metrics.mode_coverage(early.sample(2500, generator=g), centers, std)
+    after = metrics.mode_coverage(late.sample(2500, generator=g), centers, std)
+    assert before[0] <= 2 and after[0] >= 12, (before, after)
+
+
+def gan_points():
+    import data
+    return data.POINTS["grid25"]
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    for flag, value in (("--loss", "wasserstein"), ("--d-steps", "0"), ("--width", "12")):
+        r = subprocess.run([sys.executable, "train.py", *POINTS, flag, value, "--out-dir", str(tmp_path / "x")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "error" in r.stderr, r.stderr

@@ -1,0 +1,229 @@
+"""
+Variational autoencoder (Kingma & Welling 2014): an encoder q(z|x) = N(mu(x), diag
+sigma^2(x)), a decoder p(x|z), trained on the evidence lower bound with the
+reparameterisation trick; beta-VAE weighting (Higgins et al. 2017) with a linear KL
+warm-up; the importance-weighted bound (Burda et al. 2016) for likelihoods. One file,
+torch only.
+
+Images: convolutional nets, and p(x|z) a discretised logistic per subpixel (a mixture
+of n_mix of them), a probability on the 256 levels of 8-bit data, so -log p is in the
+same units as every bits/dim in the literature. 2D points: MLPs and a Gaussian p(x|z).
+
+Every log-density here is exact and normalised: the ELBO, and the IWAE bound
+log (1/k) sum_i p(x, z_i) / q(z_i | x) computed with logsumexp over the k samples. (Not a
+softmax over per-sample losses, which is the gradient weighting, not the bound.)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DATA = "digits"
+
+
+@dataclass
+class Config:
+    channels: int = 1               # image channels (filled from the data)
+    image_size: int = 28            # image height = width, divisible by 4: 28, 32 (filled from the data)
+    point_dim: int = 0              # 2 for 2D points (MLPs, Gaussian decoder); 0 for images (filled from the data)
+    z_dim: int = 16                 # latent dimensions
+    width: int = 32                 # images: channels at full resolution (2x, 4x deeper in); points: 8x this is the MLP width
+    n_mix: int = 1                  # images: logistic components per subpixel in p(x|z) (1: one discretised logistic)
+    beta: float = 1.0               # weight of the KL term (beta-VAE); 1 is the ELBO
+    kl_warmup: int = 0              # steps over which the KL weight rises linearly from 0 to beta (0: none)
+
+
+PRESETS = {
+    # Digits on a 2-core CPU in 20 minutes.
+    "tiny": dict(z_dim=16, width=32, n_mix=1, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_iters=100,
+                 max_iters=20000, weight_decay=0.0, grad_clip=0.0, eval_interval=1000, eval_iters=4,
+                 sample_images=100),
+    # 2D points: MLPs 256 wide with a Gaussian decoder (--preset grid25).
+    "grid25": dict(data="grid25", z_dim=2, width=32, batch_size=256, lr=1e-3, min_lr=1e-4, warmup_iters=100,
+                   max_iters=5000, weight_decay=0.0, grad_clip=0.0, eval_interval=1000, eval_iters=4),
+}
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_density(x, mean, logvar):
+    """log N(x; mean, e^logvar) per element."""
+    return -0.5 * (LOG_2PI + logvar + (x - mean) ** 2 * torch.exp(-logvar))
+
+
+def log_sigmoid_difference(a, b):
+    """log(sigmoid(a) - sigmoid(b)) for a > b, accurate in both tails: use
+    sigmoid(a) - sigmoid(b) = sigmoid(-b) - sigmoid(-a) so that the two terms sit in the
+    lower tail, where log sigmoid(u) = -softplus(-u) keeps its digits, and expm1 keeps the
+    difference of two close values."""
+    flip = (a + b) > 0
+    hi, lo = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    log_hi, log_lo = -F.softplus(-hi), -F.softplus(-lo)
+    return log_hi + torch.log(-torch.expm1(log_lo - log_hi))
+
+
+def discretized_logistic_mixture_log_prob(x, logits, means, log_scales):
+    """log P(x) per subpixel for x on the 256-level grid of [-1, 1] (bins 2/255 wide), under
+    a mixture over the last dimension of logistics integrated over x's bin; the end bins
+    reach to -inf and +inf, so the 256 probabilities sum to 1."""
+    x = x.unsqueeze(-1)
+    inv = torch.exp(-log_scales)
+    upper = (x - means + 1 / 255) * inv
+    lower = (x - means - 1 / 255) * inv
+    log_p = torch.where(x < -0.999, -F.softplus(-upper),          # log sigmoid(upper): bin 0 reaches -inf
+                        torch.where(x > 0.999, -F.softplus(lower),  # log(1 - sigmoid(lower)): bin 255 reaches +inf
+                                    log_sigmoid_difference(upper, lower)))
+    return torch.logsumexp(F.log_softmax(logits, -1) + log_p, -1)
+
+
+def conv_encoder(cfg):
+    w, s = cfg.width, cfg.image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(cfg.channels, w, 4, 2, 1), nn.SiLU(),        # -> 2s
+        nn.Conv2d(w, 2 * w, 4, 2, 1), nn.SiLU(),               # -> s
+        nn.Conv2d(2 * w, 4 * w, 3, 1, 1), nn.SiLU(), nn.Flatten(),
+        nn.Linear(4 * w * s * s, 2 * cfg.z_dim))
+
+
+def conv_decoder(cfg):
+    w, s = cfg.width, cfg.image_size // 4
+    return nn.Sequential(
+        nn.Linear(cfg.z_dim, 4 * w * s * s), nn.SiLU(), nn.Unflatten(1, (4 * w, s, s)),
+        nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.SiLU(),  # -> 2s
+        nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.SiLU(),      # -> 4s
+        nn.Conv2d(w, w, 3, 1, 1), nn.SiLU(),
+        nn.Conv2d(w, cfg.channels * 3 * cfg.n_mix, 1))        # per subpixel and component: logit, mean, log-scale
+
+
+def mlp(cin, h, cout):
+    return nn.Sequential(nn.Linear(cin, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, cout))
+
+
+class Model(nn.Module):
+    players = ("model",)
+
+    def __init__(self, cfg):
+        super().__init__()
+        if not cfg.point_dim and (cfg.image_size % 4 or cfg.image_size < 8):
+            raise ValueError(f"image_size {cfg.image_size}: the nets halve it twice, so it must be a "
+                             f"multiple of 4 (28 and 32 work)")
+        if cfg.z_dim < 1 or cfg.width < 1 or cfg.n_mix < 1 or cfg.beta < 0 or cfg.kl_warmup < 0:
+            raise ValueError("z_dim, width and n_mix must be at least 1, beta and kl_warmup not negative")
+        self.cfg = cfg
+        if cfg.point_dim:
+            self.encoder = mlp(cfg.point_dim, 8 * cfg.width, 2 * cfg.z_dim)
+            self.decoder = mlp(cfg.z_dim, 8 * cfg.width, 2 * cfg.point_dim)  # mean and log-variance
+        else:
+            self.encoder, self.decoder = conv_encoder(cfg), conv_decoder(cfg)
+        self.step = 0  # set by train.py before each step: drives the KL warm-up
+
+    def parameters_of(self, player):
+        return self.parameters()
+
+    def encode(self, x):
+        """q(z|x): (mean, log-variance), each [B, z_dim]."""
+        mean, logvar = self.encoder(x).float().chunk(2, 1)
+        return mean, logvar.clamp(-30, 20)
+
+    def log_px(self, x, z):
+        """log p(x|z) per example, in nats: a discrete probability for images (8-bit levels),
+        a density for points. z may carry extra leading dims [..., B, z_dim]."""
+        lead = z.shape[:-1]
+        out = self.decoder(z.reshape(-1, z.shape[-1])).float()
+        x = x.expand(*lead[:-1], *x.shape).reshape(-1, *x.shape[1:])
+        if self.cfg.point_dim:
+            mean, logvar = out.chunk(2, 1)
+            lp = gaussian_log_density(x, mean, logvar.clamp(-12, 8))
+        else:
+            B, C, H, W = x.shape
+            out = out.view(B, C, 3, self.cfg.n_mix, H, W).permute(0, 1, 4, 5, 2, 3)  # [B, C, H, W, 3, K]
+            logits, means, log_scales = out.unbind(-2)
+            lp = discretized_logistic_mixture_log_prob(x, logits, means, log_scales.clamp(min=-7))
+        return lp.flatten(1).sum(1).view(lead)
+
+    def kl(self, mean, logvar):
+        """KL(q(z|x) || N(0, I)) per example in nats, in closed form."""
+        return 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(1)
+
+    def forward(self, x, y=None, player="model"):
+        """Training: -(E_q log p(x|z) - w * KL) with w = beta, ramped up over kl_warmup
+        steps; evaluation (eval mode): the plain negative ELBO. Either way in nats per
+        dimension of x, so the loss / ln 2 is an upper bound on bits/dim. The log holds
+        the reconstruction term and the KL in nats per example."""
+        mean, logvar = self.encode(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()  # reparameterised: gradients reach the encoder
+        rec, kl = -self.log_px(x, z), self.kl(mean, logvar)
+        w = 1.0
+        if self.training:
+            w = self.cfg.beta * (min(1.0, self.step / self.cfg.kl_warmup) if self.cfg.kl_warmup else 1.0)
+        loss = (rec + w * kl).mean() / x[0].numel()
+        return loss, {"rec": rec.detach().mean(), "kl": kl.detach().mean()}
+
+    @torch.no_grad()
+    def elbo(self, x, generator=None):
+        """The evidence lower bound on log p(x) per example, one z sample each."""
+        mean, logvar = self.encode(x)
+        z = mean + torch.randn(mean.shape, generator=generator, device=x.device) * (0.5 * logvar).exp()
+        return self.log_px(x, z) - self.kl(mean, logvar)
+
+    @torch.no_grad()
+    def nll(self, x, y=None, k=1000, chunk=None, generator=None):
+        """-log p(x) estimated from above by the IWAE bound with k samples, in nats per
+        example: -(logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)] - log k), z_i ~ q(z|x).
+        Samples are drawn `chunk` at a time (default: about 2048 decodes per pass) and
+        combined with a running logsumexp."""
+        chunk = chunk or max(1, 2048 // len(x))
+        mean, logvar = self.encode(x)
+        std = (0.5 * logvar).exp()
+        total = None
+        for start in range(0, k, chunk):
+            m = min(chunk, k - start)
+            eps = torch.randn((m, *mean.shape), generator=generator, device=x.device)
+            z = mean + eps * std
+            log_w = (self.log_px(x, z) + gaussian_log_density(z, 0, torch.zeros_like(z)).sum(-1)
+                     - gaussian_log_density(z, mean, logvar).sum(-1))  # [m, B]
+            part = torch.logsumexp(log_w.double(), 0)
+            total = part if total is None else torch.logaddexp(total, part)
+        return -(total - math.log(k))
+
+    def decode_mean(self, z):
+        """The mean of p(x|z): images in [-1, 1], or points."""
+        out = self.decoder(z).float()
+        if self.cfg.point_dim:
+            return out.chunk(2, 1)[0]
+        B = z.shape[0]
+        C, S, K = self.cfg.channels, self.cfg.image_size, self.cfg.n_mix
+        out = out.view(B, C, 3, K, S, S)
+        probs = F.softmax(out[:, :, 0], 2)
+        return (probs * out[:, :, 1]).sum(2).clamp(-1, 1)
+
+    @torch.no_grad()
+    def sample(self, n, y=None, generator=None):
+        """n draws of z ~ N(0, I), shown as the decoder's mean (drawing every subpixel's own
+        noise as well adds speckle that carries no structure)."""
+        device = next(self.parameters()).device
+        return self.decode_mean(torch.randn(n, self.cfg.z_dim, generator=generator, device=device))
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """The decoder's mean at the encoder's mean."""
+        return self.decode_mean(self.encode(x)[0])
+
+    @torch.no_grad()
+    def interpolate(self, x_a, x_b, steps=8):
+        """[B, steps, ...]: decoder means along the great circle between the encoder means
+        of x_a and x_b (spherical: the prior's mass lies near a sphere, not on the chord)."""
+        a, b = self.encode(x_a)[0], self.encode(x_b)[0]
+        t = torch.linspace(0, 1, steps, device=a.device)[None, :, None]
+        cos = F.cosine_similarity(a, b, dim=1).clamp(-1, 1)[:, None, None]
+        omega = torch.acos(cos)
+        # Where the two are (almost) parallel the sines vanish: interpolate on the chord.
+        straight = omega.abs() < 1e-4
+        s = torch.sin(omega).clamp(min=1e-8)
+        wa = torch.where(straight, 1 - t, torch.sin((1 - t) * omega) / s)
+        wb = torch.where(straight, t, torch.sin(t * omega) / s)
+        z = wa * a[:, None] + wb * b[:, None]
+        out = self.decode_mean(z.flatten(0, 1))
+        return out.view(a.shape[0], steps, *out.shape[1:])
