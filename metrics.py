@@ -486,7 +486,7 @@ def load_set(spec, split, data_dir, n):
         raise MetricsError(str(e).splitlines()[0] if str(e) else f"{spec}: cannot read it")
     s = splits[split]
     if s.info["kind"] == "points":
-        return s.batch(n, torch.Generator().manual_seed(split == "val"))[0], splits
+        return s.batch(n, torch.Generator().manual_seed(int(split == "val")))[0], splits
     if s.info["kind"] != "image":
         raise MetricsError(f"{spec} is text; metrics.py compares images or 2D points")
     return s.images[:n], splits

@@ -699,8 +699,8 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             break
 
         lr = lr_at(step)
-        if hasattr(raw, "step"):  # for schedules inside a model, e.g. the VAE's KL warm-up
-            raw.step = step
+        if isinstance(getattr(raw, "step", None), torch.Tensor):  # a schedule inside a model: the VAE's KL warm-up
+            raw.step.fill_(step)
         for i, player in enumerate(raw.players):
             opt = optimizers[player]
             for group in opt.param_groups:

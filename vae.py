@@ -54,14 +54,11 @@ def gaussian_log_density(x, mean, logvar):
 
 
 def log_sigmoid_difference(a, b):
-    """log(sigmoid(a) - sigmoid(b)) for a > b, accurate in both tails: use
-    sigmoid(a) - sigmoid(b) = sigmoid(-b) - sigmoid(-a) so that the two terms sit in the
-    lower tail, where log sigmoid(u) = -softplus(-u) keeps its digits, and expm1 keeps the
-    difference of two close values."""
-    flip = (a + b) > 0
-    hi, lo = torch.where(flip, -b, a), torch.where(flip, -a, b)
-    log_hi, log_lo = -F.softplus(-hi), -F.softplus(-lo)
-    return log_hi + torch.log(-torch.expm1(log_lo - log_hi))
+    """log(sigmoid(a) - sigmoid(b)) for a > b, from the exact identity
+    sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - e^(b - a)): no difference of two
+    rounded probabilities anywhere, so it keeps its digits in both tails and when the bin
+    is narrow against the logistic's scale (a close to b)."""
+    return F.logsigmoid(a) + F.logsigmoid(-b) + torch.log(-torch.expm1(b - a))
 
 
 def discretized_logistic_mixture_log_prob(x, logits, means, log_scales):
@@ -117,7 +114,9 @@ class Model(nn.Module):
             self.decoder = mlp(cfg.z_dim, 8 * cfg.width, 2 * cfg.point_dim)  # mean and log-variance
         else:
             self.encoder, self.decoder = conv_encoder(cfg), conv_decoder(cfg)
-        self.step = 0  # set by train.py before each step: drives the KL warm-up
+        # The optimizer step, set by train.py before each step, for the KL warm-up; a tensor,
+        # so that torch.compile reads it rather than baking each value into a new graph.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
 
     def parameters_of(self, player):
         return self.parameters()
@@ -157,7 +156,7 @@ class Model(nn.Module):
         rec, kl = -self.log_px(x, z), self.kl(mean, logvar)
         w = 1.0
         if self.training:
-            w = self.cfg.beta * (min(1.0, self.step / self.cfg.kl_warmup) if self.cfg.kl_warmup else 1.0)
+            w = self.cfg.beta * ((self.step.float() / self.cfg.kl_warmup).clamp(max=1) if self.cfg.kl_warmup else 1.0)
         loss = (rec + w * kl).mean() / x[0].numel()
         return loss, {"rec": rec.detach().mean(), "kl": kl.detach().mean()}
 
@@ -182,8 +181,8 @@ class Model(nn.Module):
             m = min(chunk, k - start)
             eps = torch.randn((m, *mean.shape), generator=generator, device=x.device)
             z = mean + eps * std
-            log_w = (self.log_px(x, z) + gaussian_log_density(z, 0, torch.zeros_like(z)).sum(-1)
-                     - gaussian_log_density(z, mean, logvar).sum(-1))  # [m, B]
+            log_q = -0.5 * (LOG_2PI + logvar + eps ** 2).sum(-1)  # log N(z; mean, std^2), from eps exactly
+            log_w = self.log_px(x, z) + gaussian_log_density(z, 0, torch.zeros_like(z)).sum(-1) - log_q  # [m, B]
             part = torch.logsumexp(log_w.double(), 0)
             total = part if total is None else torch.logaddexp(total, part)
         return -(total - math.log(k))
@@ -219,8 +218,8 @@ class Model(nn.Module):
         t = torch.linspace(0, 1, steps, device=a.device)[None, :, None]
         cos = F.cosine_similarity(a, b, dim=1).clamp(-1, 1)[:, None, None]
         omega = torch.acos(cos)
-        # Where the two are (almost) parallel the sines vanish: interpolate on the chord.
-        straight = omega.abs() < 1e-4
+        # Where the two are (almost) parallel or opposite the sines vanish: take the chord.
+        straight = (omega < 1e-4) | (omega > math.pi - 1e-4)
         s = torch.sin(omega).clamp(min=1e-8)
         wa = torch.where(straight, 1 - t, torch.sin((1 - t) * omega) / s)
         wb = torch.where(straight, t, torch.sin(t * omega) / s)

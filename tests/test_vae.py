@@ -77,7 +77,7 @@ def test_kl_matches_monte_carlo():
     torch.testing.assert_close(m.kl(mean, logvar), mc, atol=0.03, rtol=0.01)
 
 
-@pytest.mark.parametrize("mean,log_scale", [(0.0, -2.0), (0.9, -7.0), (-3.0, 1.0), (0.33, -5.0), (5.0, -7.0)])
+@pytest.mark.parametrize("mean,log_scale", [(0.0, -2.0), (0.9, -7.0), (-3.0, 1.0), (0.33, -5.0), (5.0, -7.0), (0.2, 12.0)])
 def test_discretized_logistic_mixture_is_normalised_and_finite(mean, log_scale):
     x = torch.linspace(-1, 1, 256)
     K = 3
