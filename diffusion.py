@@ -38,8 +38,9 @@ class Config:
 # The defaults are a small model that trains on digits on a laptop CPU; presets scale it.
 PRESETS = {
     # Digits on a 2-core CPU in 20 minutes: 28 -> 14 -> 7 with 16, 32, 64 channels, attention
-    # at 7x7, T = 250 (sampling all T for a metric stays affordable on a CPU).
-    "tiny": dict(base=16, mults=(1, 2, 4), num_res_blocks=1, attn_res=(7,), dropout=0.0, timesteps=250,
+    # at 7x7. T = 100: ancestral sampling over all T for 10,000 samples is then 80 minutes of
+    # one core here, rather than 3.3 hours at T = 250.
+    "tiny": dict(base=16, mults=(1, 2, 4), num_res_blocks=1, attn_res=(7,), dropout=0.0, timesteps=100,
                  batch_size=64, lr=2e-3, min_lr=1e-4, warmup_iters=200, max_iters=8000, weight_decay=0.0,
                  eval_interval=500, eval_iters=4, ema=0.999, sample_images=100),
     # The DDPM paper's CIFAR-10 model and recipe (35.7M parameters). Use --data cifar10.

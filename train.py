@@ -408,6 +408,10 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     except data.DataError as e:
         raise UsageError(str(e))
     info = splits["train"].info
+    need = {"image": "image_size", "points": "point_dim", "tokens": "vocab_size"}.get(info["kind"])
+    if need and not hasattr(mcfg, need):  # e.g. diffusion on 2D points: its Config has no point_dim
+        raise UsageError(f"--data {dataset} is {info['kind']} data, which --model {tcfg.model} does not take "
+                         f"(its Config has no {need})")
     if info.get("vocab_size") and hasattr(mcfg, "vocab_size"):
         if mcfg.vocab_size <= 0:
             mcfg.vocab_size = info["vocab_size"]

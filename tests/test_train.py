@@ -158,6 +158,9 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path, corpus):
     (["--model", "nosuchmodel"], "not a model of this project"),
     (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
     (["--dtype", "fp8"], "--dtype fp8"),
+    (["--model", "diffusion", "--data", "grid25"], "points data, which --model diffusion does not take"),
+    (["--model", "vae", "--data", "ring8", "--z-dim", "0"], "z_dim"),
+    (["--model", "gan", "--data", "grid25", "--loss", "wgan"], "loss must be ns or hinge"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, argv, says):
     r = cli(*argv, "--out-dir", str(tmp_path / "o"), "--data-dir", str(tmp_path / "d"), "--max-iters", "1")
