@@ -580,9 +580,9 @@ def main(argv=None):
         if hasattr(model, "nll") and splits["val"].info["kind"] == "image" and args.nll_n:
             x = splits["val"].images[:args.nll_n].float().div(127.5).sub(1).to(device)
             iwae = "k" in inspect.signature(model.nll).parameters
-            kw = {"k": args.iwae_k} if iwae else {}
+            nll_kw = {"k": args.iwae_k} if iwae else {}
             with torch.no_grad():
-                nll = torch.cat([model.nll(x[i:i + args.batch_size], **kw).cpu() for i in
+                nll = torch.cat([model.nll(x[i:i + args.batch_size], **nll_kw).cpu() for i in
                                  progress(range(0, len(x), args.batch_size), "bits/dim")])
             bound = f", IWAE k={args.iwae_k}" if iwae else ""
             rows[f"bits/dim ({len(x)} val images{bound})"] = bits_per_dim(nll, x[0].numel())

@@ -131,5 +131,6 @@ def test_training_lowers_the_bound_and_writes_its_pictures(shared_data, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "m.json"))
     bpd = m["bits/dim (20 val images, IWAE k=1000)"]
+    assert "(k " not in m["what"]  # the IWAE's k is not a sampler option
     # The IWAE bound sits at or below the ELBO that the last evaluation reported.
     assert 0 < bpd <= evals[-1]["val_loss"] / math.log(2) * 1.1, (bpd, evals[-1])
