@@ -535,6 +535,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="diffusion: sampling steps, 0 ancestral over all T (default: the model's)")
     p.add_argument("--eta", type=float, default=None, help="diffusion: DDIM noise (default: 0)")
     p.add_argument("--guidance", type=float, default=None, help="diffusion: classifier-free guidance scale, 1 neutral (default: off)")
+    p.add_argument("--temperature", type=float, default=None, help="VAE and GAN: latent scale of the samples (default: 1)")
     p.add_argument("--nll-n", type=int, default=100, help="images for bits/dim where the model has nll (default: %(default)s)")
     p.add_argument("--iwae-k", type=int, default=1000, help="VAE: importance samples of its IWAE bound (default: %(default)s)")
     p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default: %(default)s)")
@@ -548,6 +549,8 @@ def main(argv=None):
         raise MetricsError("give --ckpt, or both --real and --fake")
     if args.n < 2 or args.nll_n < 0 or args.k < 1 or args.batch_size < 1 or args.iwae_k < 1:
         raise MetricsError("--n must be at least 2, --k, --iwae-k and --batch-size positive, --nll-n not negative")
+    if args.temperature is not None and not args.temperature > 0:
+        raise MetricsError("--temperature must be positive")
     device = train.pick_device(args.device, 0)
     args.device, args.data_dir = device, args.data_dir or ("" if args.ckpt else "data")
 
@@ -562,7 +565,8 @@ def main(argv=None):
             raise MetricsError(f"{args.ckpt} is a text model: its bits/byte are in the run's log.jsonl")
         torch.manual_seed(args.seed)
         classes = getattr(mcfg, "num_classes", 0) or 0
-        kw = train.sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance)
+        kw = train.sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance,
+                                  temperature=args.temperature)
         fake = []
         with torch.no_grad():
             for i in progress(range(0, args.n, args.batch_size), "sampling"):

@@ -194,24 +194,31 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
 
 
-def cosine_lr(step, *, lr, min_lr, warmup_iters, decay_iters):
-    """Learning rate at `step` (0-based): linear warmup, cosine decay, then a floor.
+def cosine_lr(step, *, lr, min_lr, warmup_iters, decay_iters, hold=0.0):
+    """Learning rate at `step` (0-based): linear warmup, an optional hold at lr, cosine
+    decay, then a floor.
 
-        step <  warmup_iters:               lr * (step + 1) / warmup_iters
-        warmup_iters <= step < decay_iters: min_lr + (lr - min_lr) * (1 + cos(pi * r)) / 2,
-                                            r = (step - warmup_iters) / (decay_iters - warmup_iters)
-        step >= decay_iters:                min_lr
+        step <  warmup_iters:        lr * (step + 1) / warmup_iters
+        warmup_iters <= step < c0:   lr,  c0 = warmup_iters + hold * (decay_iters - warmup_iters)
+        c0 <= step < decay_iters:    min_lr + (lr - min_lr) * (1 + cos(pi * r)) / 2,
+                                     r = (step - c0) / (decay_iters - c0)
+        step >= decay_iters:         min_lr
 
     Warmup starts at lr/warmup_iters (never 0: a zero-lr step is wasted) and reaches lr at
-    step warmup_iters - 1; the cosine starts at lr at step warmup_iters. warmup_iters=0 skips
-    warmup; decay_iters <= warmup_iters means min_lr right after warmup (no division by zero,
-    since the cosine branch is only reached when warmup_iters <= step < decay_iters).
+    step warmup_iters - 1; the cosine starts at lr. hold in [0, 1) is the share of the
+    schedule after warmup spent at the peak ("warmup-stable-decay"; 0: the cosine starts
+    right after warmup). warmup_iters=0 skips warmup; decay_iters <= warmup_iters means
+    min_lr right after warmup (no division by zero: the cosine branch is only reached when
+    c0 <= step < decay_iters, so decay_iters - c0 > 0).
     """
     if step < warmup_iters:
         return lr * (step + 1) / warmup_iters
     if step >= decay_iters:
         return min_lr
-    ratio = (step - warmup_iters) / (decay_iters - warmup_iters)
+    c0 = warmup_iters + hold * (decay_iters - warmup_iters)
+    if step < c0:
+        return lr
+    ratio = (step - c0) / (decay_iters - c0)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 

@@ -32,7 +32,8 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=None, help="diffusion: classifier-free guidance scale, 1 neutral (default: off)")
     p.add_argument("--npy", default="", help="images: also save the samples here as uint8 (N, C, H, W), for metrics.py --fake")
     p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="text: 0 is greedy (default: 0.8); VAE and GAN: latent scale, below 1 cleaner and less varied (default: 1)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set reaching this probability (default: off)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (slower, same tokens)")
@@ -40,7 +41,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="(default: %(default)s)")
     args = p.parse_args(argv)
-    if args.num_samples < 0 or args.max_new_tokens < 0 or not args.temperature >= 0:
+    if args.num_samples < 0 or args.max_new_tokens < 0 or args.temperature is not None and not args.temperature >= 0:
         raise train.UsageError("--num-samples must be positive, --max-new-tokens and --temperature not negative")
     if args.top_k is not None and args.top_k <= 0 or args.top_p is not None and not 0 < args.top_p <= 1:
         raise train.UsageError("--top-k must be positive and --top-p in (0, 1]")
@@ -67,7 +68,8 @@ def main(argv=None):
     g = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, device=device)
     with train.autocast(device, dtype):
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        temperature = 0.8 if args.temperature is None else args.temperature
+        out = model.generate(idx, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
                              top_p=args.top_p, use_cache=not args.no_cache, generator=g)
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
@@ -87,7 +89,8 @@ def sample_pictures(args, ckpt, model, mcfg, device, dtype, kind):
         y = torch.full((n,), args.label, device=device) if args.label is not None else torch.arange(n, device=device) % classes
     import metrics  # for its progress bar
     kw = train.sampler_kwargs(model, lambda steps: metrics.progress(steps, "sampling"),
-                              steps=args.steps, eta=args.eta, guidance=args.guidance)
+                              steps=args.steps, eta=args.eta, guidance=args.guidance,
+                              temperature=args.temperature)
     torch.manual_seed(args.seed)
     try:
         with torch.no_grad(), train.autocast(device, dtype):

@@ -57,6 +57,7 @@ class TrainConfig:
     min_lr: float = 1e-4            # floor of the cosine decay
     warmup_iters: int = 100         # linear warmup steps
     lr_decay_iters: int = 0         # step at which the cosine reaches min_lr (0: max_iters)
+    lr_hold: float = 0.0            # share of the schedule after warmup held at the peak lr before the cosine starts, in [0, 1)
     weight_decay: float = 0.1       # applied to tensors of 2+ dimensions only
     beta1: float = 0.9              # Adam beta1; SGD momentum
     beta2: float = 0.95             # Adam beta2
@@ -179,6 +180,8 @@ def check(tcfg):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer (got {getattr(tcfg, name)})")
     if tcfg.max_iters < 0 or tcfg.max_time < 0 or tcfg.warmup_iters < 0 or tcfg.grad_clip < 0:
         raise UsageError("--max-iters, --max-time, --warmup-iters and --grad-clip must not be negative")
+    if not 0 <= tcfg.lr_hold < 1:
+        raise UsageError(f"--lr-hold {tcfg.lr_hold}: a share of the schedule in [0, 1), e.g. 0.7 (0: cosine from the start)")
     if not 0 <= tcfg.ema < 1:
         raise UsageError(f"--ema {tcfg.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
     if tcfg.optimizer not in ("adamw", "adam", "sgd"):
@@ -519,7 +522,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
 
     def lr_at(step):
         return optim.cosine_lr(step, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_iters=tcfg.warmup_iters,
-                               decay_iters=horizon)
+                               decay_iters=horizon, hold=tcfg.lr_hold)
 
     judge = ema if ema is not None else raw  # the weights that are evaluated and sampled
     names = list(dict.fromkeys(raw.players))  # each player once, in order

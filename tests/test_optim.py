@@ -284,6 +284,19 @@ def test_cosine_lr_degenerate_schedules():
     assert optim.cosine_lr(9, warmup_iters=10, decay_iters=10, **kw) == pytest.approx(1.0)
 
 
+def test_cosine_lr_hold_keeps_the_peak_then_runs_the_whole_cosine():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110)
+    f = lambda s: optim.cosine_lr(s, hold=0.7, **kw)  # noqa: E731
+    assert [f(s) for s in range(10)] == [optim.cosine_lr(s, **kw) for s in range(10)]  # warmup unchanged
+    assert all(f(s) == 1.0 for s in range(10, 80))  # 70% of the 100 steps after warmup at the peak
+    assert f(80 + 15) == pytest.approx(0.55)  # the cosine's midpoint, halfway through its 30 steps
+    assert f(109) > 0.1 and f(110) == 0.1
+    values = [f(s) for s in range(80, 120)]
+    assert all(a > b for a, b in zip(values[:30], values[1:31]))  # strictly down across the decay
+    # hold 0 is the plain schedule
+    assert all(optim.cosine_lr(s, hold=0.0, **kw) == optim.cosine_lr(s, **kw) for s in range(120))
+
+
 # ---------------------------------------------------------------------------
 # clip_grad_norm_
 

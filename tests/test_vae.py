@@ -110,6 +110,17 @@ def test_interpolation_ends_at_the_reconstructions():
     assert m.sample(4).shape == (4, 1, 28, 28)
 
 
+def test_sampling_temperature_scales_the_latent():
+    torch.manual_seed(0)
+    m = vae.Model(vae.Config(image_size=28, z_dim=4, width=8)).eval()
+    z = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    for t in (0.0, 0.5, 1.0):
+        x = m.sample(5, temperature=t, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(x, m.decode_mean(t * z))
+    assert not torch.equal(m.sample(5, temperature=0.5, generator=torch.Generator().manual_seed(3)),
+                           m.sample(5, generator=torch.Generator().manual_seed(3)))
+
+
 def test_training_lowers_the_bound_and_writes_its_pictures(shared_data, tmp_path):
     out = tmp_path / "v"
     r = subprocess.run([sys.executable, "train.py", "--model", "vae", "--width", "8", "--z-dim", "4",
@@ -126,11 +137,11 @@ def test_training_lowers_the_bound_and_writes_its_pictures(shared_data, tmp_path
     for name in ("samples.png", "reconstructions.png", "interpolations.png"):
         assert os.path.getsize(out / name) > 100
     r = subprocess.run([sys.executable, "metrics.py", "--ckpt", str(out / "ckpt.pt"), "--n", "200",
-                        "--nll-n", "20", "--json", str(tmp_path / "m.json")],
+                        "--nll-n", "20", "--temperature", "0.8", "--json", str(tmp_path / "m.json")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "m.json"))
     bpd = m["bits/dim (20 val images, IWAE k=1000)"]
-    assert "(k " not in m["what"]  # the IWAE's k is not a sampler option
+    assert "(k " not in m["what"] and "temperature 0.8" in m["what"]  # the IWAE's k is not a sampler option
     # The IWAE bound sits at or below the ELBO that the last evaluation reported.
     assert 0 < bpd <= evals[-1]["val_loss"] / math.log(2) * 1.1, (bpd, evals[-1])
