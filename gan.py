@@ -34,12 +34,13 @@ class Config:
     num_classes: int = 0            # > 0: class-conditional G and D (filled from labelled data); 0: unconditional
     point_dim: int = 0              # 2 for 2D points, where both nets are MLPs; 0 for images (filled from the data)
     z_dim: int = 64                 # size of the latent z ~ N(0, I)
-    width: int = 32                 # images: channels at full resolution (2x and 4x deeper in); points: 8x this is the MLP width
+    width: int = 32                 # images: G has 4x then 2x this many channels, D 2x then 4x; points: 8x this is the MLP width
     loss: str = "ns"                # ns (non-saturating, Goodfellow et al.) or hinge
     spectral_norm: bool = True      # spectral norm on every layer of D
     r1: float = 0.0                 # R1 penalty weight gamma: gamma/2 * E |grad_x D(x_real)|^2 (0: off)
     cond: str = "projection"        # conditional D: projection (inner product of a label embedding with D's features) or concat (one-hot label channels)
     d_steps: int = 1                # discriminator steps per generator step
+    mbstd: int = 0                  # D sees the feature spread within groups of this many examples (minibatch std, against collapse; 0: off)
     d_lr_mult: float = 1.0          # TTUR (Heusel et al. 2017): D's learning rate is this times --lr
 
 
@@ -79,13 +80,14 @@ class Generator(nn.Module):
                                      nn.Linear(h, h), nn.ReLU(), nn.Linear(h, cfg.point_dim))
             return
         w, s = cfg.width, cfg.image_size // 4
-        # z -> 4w x s x s -> 2w x 2s x 2s -> w x 4s x 4s -> image, each upsampling a
-        # stride-2 transposed convolution as in DCGAN; GroupNorm rather than batch norm.
+        # z -> 4w x s x s -> 2w x 2s x 2s -> image, each upsampling a stride-2 transposed
+        # convolution, the last straight to the image's channels, as in DCGAN; GroupNorm
+        # rather than batch norm. (A further w-channel layer at full resolution, then a
+        # 3x3 conv to the image, doubled G's cost: 60% of a step's time was there.)
         self.net = nn.Sequential(
             nn.Linear(cin, 4 * w * s * s), nn.Unflatten(1, (4 * w, s, s)), nn.GroupNorm(8, 4 * w), nn.ReLU(),
             nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.GroupNorm(8, 2 * w), nn.ReLU(),
-            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.GroupNorm(8, w), nn.ReLU(),
-            nn.Conv2d(w, cfg.channels, 3, 1, 1), nn.Tanh())
+            nn.ConvTranspose2d(2 * w, cfg.channels, 4, 2, 1), nn.Tanh())
 
     def forward(self, z, y=None):
         if self.embed is not None:
@@ -106,14 +108,13 @@ class Discriminator(nn.Module):
             self.features = nn.Sequential(sn(nn.Linear(cfg.point_dim + extra, h), on), nn.LeakyReLU(0.2),
                                           sn(nn.Linear(h, h), on), nn.LeakyReLU(0.2),
                                           sn(nn.Linear(h, h), on), nn.LeakyReLU(0.2))
-            dim = h
+            dim = h + (1 if cfg.mbstd else 0)
         else:
-            w, s = cfg.width, cfg.image_size // 4
+            w, s = 2 * cfg.width, cfg.image_size // 4  # DCGAN's D for 28x28: 64 then 128 channels
             self.features = nn.Sequential(
                 sn(nn.Conv2d(cfg.channels + extra, w, 4, 2, 1), on), nn.LeakyReLU(0.2),
-                sn(nn.Conv2d(w, 2 * w, 4, 2, 1), on), nn.LeakyReLU(0.2),
-                sn(nn.Conv2d(2 * w, 4 * w, 3, 1, 1), on), nn.LeakyReLU(0.2), nn.Flatten())
-            dim = 4 * w * s * s
+                sn(nn.Conv2d(w, 2 * w, 4, 2, 1), on), nn.LeakyReLU(0.2), nn.Flatten())
+            dim = 2 * w * s * s + (1 if cfg.mbstd else 0)
         self.head = sn(nn.Linear(dim, 1), on)
         self.embed = sn(nn.Embedding(cfg.num_classes, dim), on) \
             if cfg.num_classes and cfg.cond == "projection" else None
@@ -123,10 +124,24 @@ class Discriminator(nn.Module):
             onehot = F.one_hot(y, self.cfg.num_classes).to(x.dtype)
             x = torch.cat([x, onehot[:, :, None, None].expand(-1, -1, *x.shape[2:]) if x.dim() == 4 else onehot], 1)
         phi = self.features(x)
+        if self.cfg.mbstd:
+            phi = torch.cat([phi, self.minibatch_std(phi)], 1)
         logit = self.head(phi).squeeze(1)
         if self.embed is not None:
             logit = logit + (self.embed(y) * phi).sum(1)
         return logit
+
+
+    def minibatch_std(self, phi):
+        """[B, 1]: for each group of mbstd consecutive examples, the standard deviation of
+        every feature across the group, averaged (Karras et al. 2018). A generator that
+        ignores z gives groups with no spread, which D can then tell from real ones.
+        Groups are consecutive, so real and fake (concatenated, each a multiple of the
+        group size) never share one; the group size is reduced to divide the batch."""
+        B = phi.shape[0]
+        g = math.gcd(B, self.cfg.mbstd)
+        spread = phi.float().view(B // g, g, -1).var(1, unbiased=False).add(1e-8).sqrt().mean(1)
+        return spread.repeat_interleave(g)[:, None].to(phi.dtype)
 
 
 class Model(nn.Module):
@@ -137,8 +152,8 @@ class Model(nn.Module):
         if not cfg.point_dim and (cfg.image_size % 4 or cfg.image_size < 8):
             raise ValueError(f"image_size {cfg.image_size}: the nets upsample twice by 2, so it must be "
                              f"a multiple of 4 (28 and 32 work)")
-        if cfg.d_steps < 1 or cfg.r1 < 0 or cfg.d_lr_mult <= 0 or cfg.z_dim < 1 or cfg.width < 8 or cfg.width % 8:
-            raise ValueError("d_steps and z_dim must be at least 1, width a multiple of 8, r1 >= 0, d_lr_mult > 0")
+        if cfg.d_steps < 1 or cfg.mbstd < 0 or cfg.r1 < 0 or cfg.d_lr_mult <= 0 or cfg.z_dim < 1 or cfg.width < 8 or cfg.width % 8:
+            raise ValueError("d_steps and z_dim must be at least 1, width a multiple of 8, r1 and mbstd >= 0, d_lr_mult > 0")
         self.cfg = cfg
         self.players = ("discriminator",) * cfg.d_steps + ("generator",)
         self.lr_mult = {"discriminator": cfg.d_lr_mult}

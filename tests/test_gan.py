@@ -85,7 +85,7 @@ def test_two_processes_equal_one_process_for_two_players(tmp_path, sn, tol):
     # iteration runs once per forward pass, so 2 micro-batches take 2 iterations where 2
     # processes take 1 each: with it on, the runs differ by about 1e-5 in the loss.
     common = [*POINTS, "--max-iters", "3", "--eval-interval", "3", "--r1", "0.5", "--d-steps", "2",
-              "--spectral-norm" if sn else "--no-spectral-norm"]
+              *(["--spectral-norm"] if sn else ["--no-spectral-norm", "--mbstd", "4"])]
     run(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "one"))
     r = run(*common, "--out-dir", str(tmp_path / "two"), nproc=2)
     assert "2 process(es)" in r.stdout
@@ -150,3 +150,18 @@ def test_sampling_temperature_scales_z():
     torch.testing.assert_close(x, m.sample(6, z=0.5 * z))
     x0 = m.sample(6, temperature=0.0)
     assert torch.equal(x0, x0[:1].expand_as(x0)) and not torch.equal(x, x[:1].expand_as(x))
+
+
+def test_minibatch_std_looks_only_within_a_group():
+    torch.manual_seed(0)
+    for cfg in (gan.Config(point_dim=2, width=8, mbstd=4), gan.Config(image_size=28, width=8, mbstd=4)):
+        d = gan.Discriminator(cfg).eval()  # eval: spectral norm does not iterate between calls
+        x = torch.randn(12, *((2,) if cfg.point_dim else (1, 28, 28)))
+        x2 = x.clone()
+        x2[5] += 1.0
+        changed = (d(x) != d(x2)).tolist()
+        assert changed == [False] * 4 + [True] * 4 + [False] * 4  # example 5's group is 4..7
+        same = x[:1].expand(4, *x.shape[1:])
+        spread = d.minibatch_std(d.features(same))
+        assert spread.shape == (4, 1) and spread.max() < 1e-3  # a collapsed group has no spread
+        assert d.minibatch_std(d.features(x)).min() > 10 * spread.max()

@@ -77,6 +77,52 @@ def test_kl_matches_monte_carlo():
     torch.testing.assert_close(m.kl(mean, logvar), mc, atol=0.03, rtol=0.01)
 
 
+def test_mixture_prior_density_and_kl_against_torch_distributions():
+    torch.manual_seed(0)
+    m = vae.Model(vae.Config(point_dim=2, z_dim=3, prior_components=4))
+    with torch.no_grad():
+        m.prior_logvars.normal_(0, 0.5)
+        m.prior_logits.normal_()
+    D = torch.distributions
+    oracle = D.MixtureSameFamily(D.Categorical(logits=m.prior_logits.detach()),
+                                 D.Independent(D.Normal(m.prior_means.detach(), (0.5 * m.prior_logvars.detach()).exp()), 1))
+    z = 2 * torch.randn(5, 7, 3)
+    torch.testing.assert_close(m.log_prior(z).detach(), oracle.log_prob(z), atol=1e-5, rtol=1e-5)
+    # The one-draw KL averages to KL(q || p) = E_q[log q - log p], here by torch's own densities.
+    mean, logvar = torch.randn(2, 3), torch.randn(2, 3) - 1
+    eps = torch.randn(100000, 2, 3)
+    ours = m.kl(mean.expand(100000, 2, 3), logvar.expand(100000, 2, 3), eps).detach().mean(0)
+    q = D.Independent(D.Normal(mean, (0.5 * logvar).exp()), 1)
+    zq = mean + eps * (0.5 * logvar).exp()
+    torch.testing.assert_close(ours, (q.log_prob(zq) - oracle.log_prob(zq)).mean(0), atol=1e-3, rtol=1e-4)
+    # and, with one standard-normal component, agrees with the closed form of the default prior
+    one = vae.Model(vae.Config(point_dim=2, z_dim=3, prior_components=1))
+    with torch.no_grad():
+        one.prior_means.zero_()
+    plain = vae.Model(vae.Config(point_dim=2, z_dim=3))
+    mc = one.kl(mean.expand(200000, 2, 3), logvar.expand(200000, 2, 3), torch.randn(200000, 2, 3)).detach().mean(0)
+    torch.testing.assert_close(mc, plain.kl(mean, logvar), atol=0.03, rtol=0.01)
+
+
+def test_mixture_prior_iwae_and_samples():
+    m, x, log_p = ppca(posterior=False)
+    m2 = vae.Model(vae.Config(point_dim=3, z_dim=2, prior_components=1))
+    m2.encoder, m2.decoder = m.encoder, m.decoder
+    with torch.no_grad():
+        m2.prior_means.zero_()  # one N(0, I) component: the same model as m
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    torch.testing.assert_close(m2.nll(x[:16], k=50, generator=g1), m.nll(x[:16], k=50, generator=g2))
+    torch.manual_seed(0)
+    m3 = vae.Model(vae.Config(image_size=28, z_dim=4, width=8, prior_components=3)).eval()
+    x0 = m3.sample(12, temperature=0.0)  # every sample is a component's mean, decoded
+    centres = m3.decode_mean(m3.prior_means.detach())
+    assert all(any(torch.allclose(a, c) for c in centres) for a in x0)
+    assert len({tuple(a.flatten()[:5].tolist()) for a in x0}) > 1
+    a, b = torch.rand(2, 1, 28, 28) * 2 - 1, torch.rand(2, 1, 28, 28) * 2 - 1
+    za, zb = m3.encode(a)[0], m3.encode(b)[0]  # the mixture's mass is not on a sphere: straight lines
+    torch.testing.assert_close(m3.interpolate(a, b, 5)[:, 2], m3.decode_mean((za + zb) / 2))
+
+
 @pytest.mark.parametrize("mean,log_scale", [(0.0, -2.0), (0.9, -7.0), (-3.0, 1.0), (0.33, -5.0), (5.0, -7.0), (0.2, 12.0)])
 def test_discretized_logistic_mixture_is_normalised_and_finite(mean, log_scale):
     x = torch.linspace(-1, 1, 256)
