@@ -16,6 +16,8 @@ player, so that pass never leaks into D's next step.
 No batch norm anywhere: its statistics depend on how a batch is split, so a run on two
 processes (or with gradient accumulation) would differ from one big batch. G
 normalises per example instead (GroupNorm), and D relies on spectral norm or nothing.
+The one statistic across examples, the optional minibatch std, is taken over small
+groups inside a micro-batch, which every split keeps whole.
 """
 import math
 from dataclasses import dataclass
@@ -119,27 +121,30 @@ class Discriminator(nn.Module):
         self.embed = sn(nn.Embedding(cfg.num_classes, dim), on) \
             if cfg.num_classes and cfg.cond == "projection" else None
 
-    def forward(self, x, y=None):
+    def forward(self, x, y=None, parts=1):
+        """parts: x is that many equal batches concatenated (real, then fake), which the
+        minibatch std keeps apart."""
         if self.cfg.num_classes and self.cfg.cond == "concat":
             onehot = F.one_hot(y, self.cfg.num_classes).to(x.dtype)
             x = torch.cat([x, onehot[:, :, None, None].expand(-1, -1, *x.shape[2:]) if x.dim() == 4 else onehot], 1)
         phi = self.features(x)
         if self.cfg.mbstd:
-            phi = torch.cat([phi, self.minibatch_std(phi)], 1)
+            phi = torch.cat([phi, self.minibatch_std(phi, parts)], 1)
         logit = self.head(phi).squeeze(1)
         if self.embed is not None:
             logit = logit + (self.embed(y) * phi).sum(1)
         return logit
 
 
-    def minibatch_std(self, phi):
-        """[B, 1]: for each group of mbstd consecutive examples, the standard deviation of
-        every feature across the group, averaged (Karras et al. 2018). A generator that
-        ignores z gives groups with no spread, which D can then tell from real ones.
-        Groups are consecutive, so real and fake (concatenated, each a multiple of the
-        group size) never share one; the group size is reduced to divide the batch."""
+    def minibatch_std(self, phi, parts=1):
+        """[B, 1]: for each group of consecutive examples, the standard deviation of every
+        feature across the group, averaged (Karras et al. 2018). A generator that ignores z
+        gives groups with no spread, which D can then tell from real ones. The group size
+        is mbstd, or the largest divisor of it that divides the size of each of the
+        `parts` (real and fake), so no group holds both: keep the batch size a multiple
+        of mbstd, as at a group size of 1 the feature is a constant."""
         B = phi.shape[0]
-        g = math.gcd(B, self.cfg.mbstd)
+        g = math.gcd(B // parts, self.cfg.mbstd)
         spread = phi.float().view(B // g, g, -1).var(1, unbiased=False).add(1e-8).sqrt().mean(1)
         return spread.repeat_interleave(g)[:, None].to(phi.dtype)
 
@@ -179,7 +184,7 @@ class Model(nn.Module):
         penalise = self.cfg.r1 > 0 and torch.is_grad_enabled()  # not under evaluation's no_grad
         real = x.detach().requires_grad_(penalise)
         # One pass over real and fake together: one power iteration of spectral norm per step.
-        logit = self.discriminator(torch.cat([real, fake.to(real.dtype)]), None if y is None else torch.cat([y, y]))
+        logit = self.discriminator(torch.cat([real, fake.to(real.dtype)]), None if y is None else torch.cat([y, y]), parts=2)
         lr, lf = logit[:B].float(), logit[B:].float()
         if self.cfg.loss == "ns":  # -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))
             loss = F.softplus(-lr).mean() + F.softplus(lf).mean()

@@ -261,6 +261,8 @@ def clip_grad_norm_(params, max_norm, foreach=True):
 def weight_decay_groups(model_or_named_params, weight_decay):
     """Two param groups: tensors with dim >= 2 (matmul weights, embeddings) get weight decay,
     the rest (biases, norm gains) get none -- decaying those just fights the normalization.
+    A tensor marked `p.no_weight_decay = True` gets none either (e.g. a learned prior's
+    means, which decay would pull towards 0).
 
     Accepts an nn.Module or an iterable of (name, param). Params with requires_grad=False are
     left out, and a tensor reachable under two names (tied weights) appears once.
@@ -274,6 +276,6 @@ def weight_decay_groups(model_or_named_params, weight_decay):
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]

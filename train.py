@@ -769,7 +769,10 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             signum, timed_out, neg_end = stop.tolist()  # one device read for all three
             signum, timed_out = int(signum), timed_out > 0
-            if tcfg.max_time:
+            # Re-aim the cosine at the estimated end; under --lr-hold only while the LR is
+            # still held, so a started decay never jumps back up to the peak.
+            decaying = tcfg.lr_hold and step >= tcfg.warmup_iters + tcfg.lr_hold * (horizon - tcfg.warmup_iters)
+            if tcfg.max_time and not decaying:
                 horizon = max(step, int(min(tcfg.lr_decay_iters or tcfg.max_iters, -neg_end)))
         elif not ddp:  # one process: nobody to agree with, so look every step
             signum, timed_out = Stop.signum, bool(tcfg.max_time and time.time() - t0 > tcfg.max_time)

@@ -16,7 +16,7 @@ nothing in particular. With prior_components = K, p(z) is a mixture of K diagona
 Gaussians learned with everything else: the KL term pulls it onto where the encoder
 puts the data (as a mixture fitted to the codes after training does, Ghosh et al.
 2020), and the samples and the likelihood bound come from one and the same model. The
-KL is then the single-draw estimate log q(z|x) - log p(z), unbiased.
+KL is then estimated from one draw of z, unbiased.
 
 Every log-density here is exact and normalised: the ELBO, and the IWAE bound
 log (1/k) sum_i p(x, z_i) / q(z_i | x) computed with logsumexp over the k samples. (Not a
@@ -125,12 +125,15 @@ class Model(nn.Module):
         else:
             self.encoder, self.decoder = conv_encoder(cfg), conv_decoder(cfg)
         if cfg.prior_components:
-            # Means drawn from N(0, I) so the components start apart; unit variances and
-            # equal weights: at the start the mixture is close to N(0, 2I).
+            # Means drawn from N(0, I) so the components start apart, with unit variances
+            # and equal weights. They are a density's parameters, not weights: no weight
+            # decay, which would pull the prior back towards N(0, I).
             K = cfg.prior_components
             self.prior_means = nn.Parameter(torch.randn(K, cfg.z_dim))
             self.prior_logvars = nn.Parameter(torch.zeros(K, cfg.z_dim))
             self.prior_logits = nn.Parameter(torch.zeros(K))
+            for p in (self.prior_means, self.prior_logvars, self.prior_logits):
+                p.no_weight_decay = True
         # The optimizer step, set by train.py before each step, for the KL warm-up; a tensor,
         # so that torch.compile reads it rather than baking each value into a new graph.
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
@@ -170,11 +173,13 @@ class Model(nn.Module):
 
     def kl(self, mean, logvar, eps=None):
         """KL(q(z|x) || p(z)) per example in nats: in closed form for the N(0, I) prior;
-        for a mixture, the one-draw estimate log q(z|x) - log p(z) at z = mean + eps * std."""
+        for a mixture, E_q[log q] (the Gaussian's negative entropy, exact) minus log p(z)
+        at the one draw z = mean + eps * std: unbiased, and less noisy than log q(z|x)
+        at the same draw."""
         if not self.cfg.prior_components:
             return 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(1)
         z = mean + eps * (0.5 * logvar).exp()
-        return -0.5 * (LOG_2PI + logvar + eps ** 2).sum(-1) - self.log_prior(z)
+        return -0.5 * (LOG_2PI + 1 + logvar).sum(-1) - self.log_prior(z)
 
     def forward(self, x, y=None, player="model"):
         """Training: -(E_q log p(x|z) - w * KL) with w = beta, ramped up over kl_warmup

@@ -165,3 +165,13 @@ def test_minibatch_std_looks_only_within_a_group():
         spread = d.minibatch_std(d.features(same))
         assert spread.shape == (4, 1) and spread.max() < 1e-3  # a collapsed group has no spread
         assert d.minibatch_std(d.features(x)).min() > 10 * spread.max()
+
+
+def test_minibatch_std_never_groups_real_with_fake():
+    # 6 real then 6 fake with groups of 4 asked: groups of 2 inside each half.
+    torch.manual_seed(0)
+    d = gan.Discriminator(gan.Config(point_dim=2, width=8, mbstd=4)).eval()
+    real, fake = torch.randn(6, 2), torch.randn(6, 2)
+    a = d(torch.cat([real, fake]), parts=2)
+    b = d(torch.cat([real, fake + 1]), parts=2)
+    assert torch.equal(a[:6], b[:6]) and not torch.equal(a[6:], b[6:])

@@ -377,3 +377,12 @@ def test_weight_decay_groups():
     # and the result is accepted by both implementations
     optim.AdamW(optim.weight_decay_groups(m, 0.1), lr=1e-3)
     torch.optim.AdamW(optim.weight_decay_groups(m, 0.1), lr=1e-3)
+
+
+def test_weight_decay_groups_leave_out_marked_tensors():
+    import vae
+    m = vae.Model(vae.Config(point_dim=2, z_dim=3, prior_components=4))
+    decay, no_decay = optim.weight_decay_groups(m, 0.1)
+    ids = {id(p) for p in no_decay["params"]}
+    assert id(m.prior_means) in ids and id(m.prior_logvars) in ids  # 2D, yet a density's parameters
+    assert id(m.encoder[0].weight) in {id(p) for p in decay["params"]}
