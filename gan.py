@@ -47,8 +47,10 @@ class Config:
 
 
 PRESETS = {
-    # Digits on a 2-core CPU in 20 minutes.
-    "tiny": dict(width=32, z_dim=64, batch_size=64, lr=2e-4, min_lr=2e-4, warmup_iters=0, max_iters=20000,
+    # Digits on a 2-core CPU in 20 minutes. The minibatch std keeps variety within a class:
+    # without it (and with heavier nets) each class collapsed to one prototype, recall 0.03
+    # at 1,000 steps; with it 0.32 at 3,000 steps (precision 0.73, IS 9.78).
+    "tiny": dict(width=32, z_dim=64, mbstd=4, batch_size=64, lr=2e-4, min_lr=2e-4, warmup_iters=0, max_iters=20000,
                  beta1=0.5, beta2=0.999, weight_decay=0.0, grad_clip=0.0, d_lr_mult=2.0,
                  eval_interval=1000, eval_iters=4, ema=0.999, sample_images=100),
     # The 2D mixtures: MLPs 256 wide, 12,000 steps of 1,024 points. Large batches keep the
