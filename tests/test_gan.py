@@ -149,7 +149,8 @@ def test_sampling_temperature_scales_z():
     x = m.sample(6, temperature=0.5, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(x, m.sample(6, z=0.5 * z))
     x0 = m.sample(6, temperature=0.0)
-    assert torch.equal(x0, x0[:1].expand_as(x0)) and not torch.equal(x, x[:1].expand_as(x))
+    torch.testing.assert_close(x0, x0[:1].expand_as(x0))  # every z is 0 (rows may differ in the last bit)
+    assert (x - x[:1]).abs().max() > 1e-3
 
 
 def test_minibatch_std_looks_only_within_a_group():
