@@ -215,11 +215,16 @@ def cosine_lr(step, *, lr, min_lr, warmup_iters, decay_iters, hold=0.0):
         return lr * (step + 1) / warmup_iters
     if step >= decay_iters:
         return min_lr
-    c0 = warmup_iters + hold * (decay_iters - warmup_iters)
+    c0 = decay_start(warmup_iters, decay_iters, hold)
     if step < c0:
         return lr
     ratio = (step - c0) / (decay_iters - c0)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def decay_start(warmup_iters, decay_iters, hold):
+    """The step at which cosine_lr's decay begins (c0 there)."""
+    return warmup_iters + hold * (decay_iters - warmup_iters)
 
 
 @torch.no_grad()

@@ -67,8 +67,8 @@ def main(argv=None):
                                f"{mcfg.block_size}; shorten it")
     g = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, device=device)
+    temperature = 0.8 if args.temperature is None else args.temperature
     with train.autocast(device, dtype):
-        temperature = 0.8 if args.temperature is None else args.temperature
         out = model.generate(idx, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
                              top_p=args.top_p, use_cache=not args.no_cache, generator=g)
     for i, row in enumerate(out.tolist()):

@@ -771,7 +771,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             signum, timed_out = int(signum), timed_out > 0
             # Re-aim the cosine at the estimated end; under --lr-hold only while the LR is
             # still held, so a started decay never jumps back up to the peak.
-            decaying = tcfg.lr_hold and step >= tcfg.warmup_iters + tcfg.lr_hold * (horizon - tcfg.warmup_iters)
+            decaying = tcfg.lr_hold and step >= optim.decay_start(tcfg.warmup_iters, horizon, tcfg.lr_hold)
             if tcfg.max_time and not decaying:
                 horizon = max(step, int(min(tcfg.lr_decay_iters or tcfg.max_iters, -neg_end)))
         elif not ddp:  # one process: nobody to agree with, so look every step

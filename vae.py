@@ -168,18 +168,21 @@ class Model(nn.Module):
         components, each a product of 1D Gaussians)."""
         if not self.cfg.prior_components:
             return gaussian_log_density(z, 0, torch.zeros_like(z)).sum(-1)
-        per = gaussian_log_density(z.unsqueeze(-2), self.prior_means.float(),
-                                   self.prior_logvars.float().clamp(-12, 8)).sum(-1)  # [..., K]
-        return torch.logsumexp(F.log_softmax(self.prior_logits.float(), -1) + per, -1)
+        log_w, means, logvars = self.mixture()
+        per = gaussian_log_density(z.unsqueeze(-2), means, logvars).sum(-1)  # [..., K]
+        return torch.logsumexp(log_w + per, -1)
 
-    def kl(self, mean, logvar, eps=None):
+    def mixture(self):
+        """The learned prior's (log weights [K], means [K, z_dim], log-variances [K, z_dim]) in fp32."""
+        return (F.log_softmax(self.prior_logits.float(), -1), self.prior_means.float(),
+                self.prior_logvars.float().clamp(-12, 8))
+
+    def kl(self, mean, logvar, z=None):
         """KL(q(z|x) || p(z)) per example in nats: in closed form for the N(0, I) prior;
         for a mixture, E_q[log q] (the Gaussian's negative entropy, exact) minus log p(z)
-        at the one draw z = mean + eps * std: unbiased, and less noisy than log q(z|x)
-        at the same draw."""
+        at the one draw z from q: unbiased, and less noisy than log q(z|x) at that draw."""
         if not self.cfg.prior_components:
             return 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(1)
-        z = mean + eps * (0.5 * logvar).exp()
         return -0.5 * (LOG_2PI + 1 + logvar).sum(-1) - self.log_prior(z)
 
     def forward(self, x, y=None, player="model"):
@@ -188,9 +191,8 @@ class Model(nn.Module):
         dimension of x, so the loss / ln 2 is an upper bound on bits/dim. The log holds
         the reconstruction term and the KL in nats per example."""
         mean, logvar = self.encode(x)
-        eps = torch.randn_like(mean)
-        z = mean + eps * (0.5 * logvar).exp()  # reparameterised: gradients reach the encoder
-        rec, kl = -self.log_px(x, z), self.kl(mean, logvar, eps)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()  # reparameterised: gradients reach the encoder
+        rec, kl = -self.log_px(x, z), self.kl(mean, logvar, z)
         w = 1.0
         if self.training:
             w = self.cfg.beta * ((self.step.float() / self.cfg.kl_warmup).clamp(max=1) if self.cfg.kl_warmup else 1.0)
@@ -201,8 +203,8 @@ class Model(nn.Module):
     def elbo(self, x, generator=None):
         """The evidence lower bound on log p(x) per example, one z sample each."""
         mean, logvar = self.encode(x)
-        eps = torch.randn(mean.shape, generator=generator, device=x.device)
-        return self.log_px(x, mean + eps * (0.5 * logvar).exp()) - self.kl(mean, logvar, eps)
+        z = mean + torch.randn(mean.shape, generator=generator, device=x.device) * (0.5 * logvar).exp()
+        return self.log_px(x, z) - self.kl(mean, logvar, z)
 
     @torch.no_grad()
     def nll(self, x, y=None, k=1000, chunk=None, generator=None):
@@ -245,9 +247,9 @@ class Model(nn.Module):
         eps = torch.randn(n, self.cfg.z_dim, generator=generator, device=device)
         if not self.cfg.prior_components:
             return self.decode_mean(temperature * eps)
-        k = torch.multinomial(F.softmax(self.prior_logits.float(), -1), n, replacement=True, generator=generator)
-        std = (0.5 * self.prior_logvars.float().clamp(-12, 8)).exp()
-        return self.decode_mean(self.prior_means[k].float() + temperature * eps * std[k])
+        log_w, means, logvars = self.mixture()
+        k = torch.multinomial(log_w.exp(), n, replacement=True, generator=generator)
+        return self.decode_mean(means[k] + temperature * eps * (0.5 * logvars[k]).exp())
 
     @torch.no_grad()
     def reconstruct(self, x):
