@@ -11,7 +11,8 @@ the command line win over the preset, which wins over the defaults.
 The loop, per step: for each player (one for most models; discriminator then
 generator for a GAN), grad_accum micro-batches forward and backward, gradients
 all-reduced once under DDP, unscaled, clipped, one optimizer step, and every gradient
-cleared, so one player's backward pass never reaches the next player's step.
+cleared. While one player steps the others are frozen (requires_grad off), so its
+backward pass computes no gradient for them and never reaches their next step.
 """
 import argparse
 import contextlib
@@ -712,6 +713,13 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             opt = optimizers[player]
             for group in opt.param_groups:
                 group["lr"] = lr * lr_mult.get(player, 1.0)
+            if len(names) > 1:
+                # Freeze the other players: the generator's backward pass then goes through
+                # D to its input without computing D's weight gradients, which it would
+                # throw away (a third of D's backward pass).
+                mine = set(map(id, raw.parameters_of(player)))
+                for p in raw.parameters():
+                    p.requires_grad_(id(p) in mine)
             X, Y = splits["train"].batch(tcfg.batch_size * k * world, stream)
             for m in range(k):
                 rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
@@ -730,9 +738,9 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 optim.clip_grad_norm_(raw.parameters_of(player), tcfg.grad_clip)
             scaler.step(opt)
             scaler.update()
-            # Every gradient, not just this player's: the generator's backward pass also
-            # fills D's, which must not add to D's next step.
             raw.zero_grad(set_to_none=True)
+        if len(names) > 1:
+            raw.requires_grad_(True)
         loss_n += 1
         step += 1
         if ema is not None:
