@@ -529,7 +529,7 @@ def npy_images(path):
         raise DataError(f"no such file: {path}")
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+    except Exception as e:  # a damaged header fails in numpy's parser in many ways (fuzzing found tokenize.TokenError)
         raise DataError(f"{path} is not a readable .npy file ({str(e)[:80]}); save images with np.save") from None
     if a.dtype != np.uint8:
         raise DataError(f"{path} holds {a.dtype}, not uint8; save images as uint8 0..255 "

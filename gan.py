@@ -49,7 +49,8 @@ class Config:
 PRESETS = {
     # Digits on a 2-core CPU in 20 minutes. The minibatch std keeps variety within a class:
     # without it (and with heavier nets) each class collapsed to one prototype, recall 0.03
-    # at 1,000 steps; with it 0.32 at 3,000 steps (precision 0.73, IS 9.78).
+    # at 1,000 steps; with it 0.39 at 5,712 steps (precision 0.83, IS 9.90), and sampled
+    # at temperature 1.2, recall 0.52, precision 0.75, IS 9.80.
     "tiny": dict(width=32, z_dim=64, mbstd=4, batch_size=64, lr=2e-4, min_lr=2e-4, warmup_iters=0, max_iters=20000,
                  beta1=0.5, beta2=0.999, weight_decay=0.0, grad_clip=0.0, d_lr_mult=2.0,
                  eval_interval=1000, eval_iters=4, ema=0.999, sample_images=100),

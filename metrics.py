@@ -556,7 +556,7 @@ def main(argv=None):
 
     if args.ckpt:
         ckpt = train.load_checkpoint(args.ckpt)
-        module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device)
+        module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device, args.ckpt)
         model.eval()
         name = ckpt["config"]["data"]["name"]
         args.data_dir = args.data_dir or tcfg.data_dir

@@ -228,14 +228,9 @@ def decay_start(warmup_iters, decay_iters, hold):
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm, foreach=True):
-    """Scale grads in place so their global L2 norm is at most max_norm; return the norm.
-
-    The norm (a 0-dim tensor, accumulated in at least fp32) is returned without .item(), so
-    no host-device sync happens here. The scale min(1, max_norm / (norm + 1e-6)) is applied
-    unconditionally with tensor ops for the same reason (an `if norm > max_norm` would sync).
-    A non-finite norm is returned as is and the grads become non-finite; the caller decides.
-    """
+def grad_norm(params, foreach=True):
+    """The global L2 norm of the grads, as a 0-dim tensor (accumulated in at least fp32),
+    without .item(): no host-device sync. A non-finite grad gives a non-finite norm."""
     if isinstance(params, torch.Tensor):
         params = [params]
     grads = [p.grad for p in params if p.grad is not None]
@@ -251,7 +246,20 @@ def clip_grad_norm_(params, max_norm, foreach=True):
         else:
             norms.extend(torch.linalg.vector_norm(g, 2, dtype=acc) for g in gs)
     device = grads[0].device
-    total_norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm, foreach=True):
+    """Scale grads in place so their global L2 norm is at most max_norm; return the norm.
+
+    The scale min(1, max_norm / (norm + 1e-6)) is applied unconditionally with tensor ops,
+    so no host-device sync happens here (an `if norm > max_norm` would sync). A non-finite
+    norm is returned as is and the grads become non-finite; the caller decides.
+    """
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
+    total_norm = grad_norm(params, foreach)
+    grads = [p.grad for p in params if p.grad is not None]
     scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     for idx in _buckets(grads):
         gs = [grads[i] for i in idx]

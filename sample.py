@@ -49,7 +49,7 @@ def main(argv=None):
     device = train.pick_device(args.device, 0)
     dtype = train.pick_dtype(args.dtype, device)
     ckpt = train.load_checkpoint(args.ckpt)
-    module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device)
+    module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device, args.ckpt)
     model.eval()
     kind = ckpt["config"]["data"].get("kind", "tokens")
     if kind != "tokens":

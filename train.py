@@ -13,11 +13,16 @@ generator for a GAN), grad_accum micro-batches forward and backward, gradients
 all-reduced once under DDP, unscaled, clipped, one optimizer step, and every gradient
 cleared. While one player steps the others are frozen (requires_grad off), so its
 backward pass computes no gradient for them and never reaches their next step.
+
+Exit codes: 0 done; 2 bad input, or a non-finite loss or gradient (the last good
+checkpoint is kept); 1 another process of a torchrun job was lost; 128 + the signal's
+number (130 for SIGINT, 143 for SIGTERM) when a signal stopped the run after saving.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
+import glob
 import importlib
 import importlib.util
 import inspect
@@ -63,6 +68,7 @@ class TrainConfig:
     beta1: float = 0.9              # Adam beta1; SGD momentum
     beta2: float = 0.95             # Adam beta2
     grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
+    skip_nonfinite: bool = False    # skip a player's update whose loss or gradient is not finite, counted in the log, rather than stop (one device sync a step)
     ema: float = 0.0                # keep an exponential moving average of the weights with this decay (0: off); sampling, evaluation and metrics use it
     device: str = "auto"            # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"             # auto, bf16, fp16, fp32 (auto: bf16 where supported, else fp32)
@@ -77,6 +83,10 @@ class TrainConfig:
 
 class UsageError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
+
+
+class Fault(Exception):
+    """A failure outside the user's input (a lost process); printed as one line, exit code 1."""
 
 
 # ---- models and flags -----------------------------------------------------------
@@ -152,7 +162,8 @@ def parse_args(argv):
     pre.add_argument("--preset", default="")
     known, _ = pre.parse_known_args(argv)
     module = load_module(known.model)
-    parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fields(parser, TrainConfig, "training")
     add_fields(parser, module.Config, f"model ({known.model}); presets: {', '.join(module.PRESETS) or 'none'}")
     given = vars(parser.parse_args(argv))
@@ -278,15 +289,20 @@ def strip_prefixes(state_dict):
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
 
 
-def build_from_checkpoint(ckpt, device="cpu"):
+def build_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
     """(module, model, TrainConfig, Config) from a checkpoint, for sample.py and the like.
     The model carries the EMA weights where the run kept them: those are the ones to use."""
-    conf = ckpt["config"]
-    module = load_module(conf["model_path"] if os.path.isfile(conf.get("model_path", "")) else conf["model"])
-    mcfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in conf["model_config"].items()})
-    model = module.Model(mcfg)
+    try:
+        conf = ckpt["config"]
+        module = load_module(conf["model_path"] if os.path.isfile(conf.get("model_path", "")) else conf["model"])
+        mcfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in conf["model_config"].items()})
+        model = module.Model(mcfg)
+        tcfg = TrainConfig(**{k: v for k, v in conf["train_config"].items() if hasattr(TrainConfig, k)})
+    except UsageError:
+        raise
+    except Exception as e:  # an edited or damaged config: whatever breaks, one line
+        raise UsageError(f"{path}: its config does not make a model ({type(e).__name__}: {str(e)[:120]})")
     load_state(model, ckpt.get("ema") or ckpt["model"], conf["model"])
-    tcfg = TrainConfig(**{k: v for k, v in conf["train_config"].items() if hasattr(TrainConfig, k)})
     return module, model.to(device), tcfg, mcfg
 
 
@@ -307,9 +323,17 @@ def sampler_kwargs(model, progress=None, **given):
 def load_state(model, state, name):
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError, ValueError) as e:  # not tensors, or not of this shape
         first = [l.strip() for l in str(e).splitlines() if l.strip()][1:2]
         raise UsageError(f"checkpoint does not fit this {name} model: {first[0] if first else e}")
+
+
+def logged_step(line):
+    """The step of a log.jsonl line; infinity for a line that is not a whole record."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 # ---- the loop -------------------------------------------------------------------------
@@ -342,6 +366,15 @@ def main(argv=None):
         code = run(module, tcfg, mcfg, given, device, rank, world, ddp)
         clean = True
         return code
+    except (RuntimeError, dist.DistError) as e:
+        # Another process of the job died (killed, out of memory): the collective this
+        # rank waits in fails. Checkpoints are written whole or not at all, so the last
+        # one stands; say that in one line rather than with a traceback from inside gloo.
+        if not ddp or not (isinstance(e, dist.DistError) or re.search(r"gloo|nccl|Connection", str(e), re.I)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Fault(f"rank {rank}: lost contact with another process of the job ({first[:150]}); "
+                    f"the last complete checkpoint is intact, continue with --resume")
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
@@ -488,8 +521,17 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     if master:
         try:
             os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt is not None else "w"):
-                pass
+            # A run killed while saving leaves its temp file (the checkpoint it replaced is intact).
+            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp*")):
+                os.remove(stale)
+                say(f"removed {stale}, a checkpoint a killed run had not finished writing")
+            keep = []
+            if ckpt is not None and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+                # Lines after the checkpoint's step belong to steps that are about to be redone.
+                # (A line cut short by a kill is dropped too.)
+                with open(os.path.join(out_dir, "log.jsonl"), errors="replace") as f:
+                    keep = [l for l in f if logged_step(l) <= ckpt["step"]]
+            data.atomic_write(os.path.join(out_dir, "log.jsonl"), lambda f: f.write("".join(keep).encode()))
         except OSError as e:
             raise UsageError(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
 
@@ -639,33 +681,37 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                                  optimizers={p: o.state_dict() for p, o in optimizers.items()},
                                  scaler=scaler.state_dict() if scaler.is_enabled() else None,
                                  step=step, best_val=best_val, config=conf,
-                                 data_rng=stream.get_state(), horizon=horizon, evaluated=evaluated,
+                                 data_rng=stream.get_state(), horizon=horizon, evaluated=evaluated, skipped=skipped,
                                  elapsed=time.time() - t0), path)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, Stop.handler)
     Stop.signum = 0
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step whose loss was not finite
-    bad = -1
+    # The first non-finite value, as step * 1024 + its index in `checked` (-1: none yet),
+    # kept on the device so the hot loop never syncs; read at log and evaluation time.
+    bad_at = torch.full((), -1, dtype=torch.long, device=device)
+    bad, checked, where = -1, {}, {}
+    skipped = ckpt.get("skipped", 0) if ckpt is not None else 0
 
     def any_bad():
-        """Whether any rank saw a non-finite loss; every rank must take the same branch."""
+        """Whether any rank saw a non-finite value; every rank must take the same branch."""
         nonlocal bad
-        worst = bad_step.clone()
+        worst = bad_at.clone()
         if ddp:
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         bad = int(worst.item())
         return bad >= 0
 
-    sums, loss_n = {}, 0  # running sums of what the log shows: each player's loss and its model's parts
+    # Running sums of what the log shows (each player's loss and its model's parts) and
+    # how many steps each holds (a skipped update adds nothing).
+    sums, counts, loss_n = {}, {}, 0
 
-    def tally(player, loss, parts):
-        """Add a micro-batch's loss and logged parts (tensors, no device sync) to the sums."""
+    def tally(player, loss, parts, into):
+        """Add a micro-batch's loss and logged parts (tensors, no device sync) to `into`."""
         tag = "" if len(names) == 1 else f"_{player}"
-        for key, v in {"loss": loss, **parts}.items():
+        for key, v in {**parts, "loss": loss}.items():  # parts first: the most specific name for a fault
             v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
-            sums[key + tag] = sums.get(key + tag, 0) + v / (k * raw.players.count(player))
-        return sums["loss" + tag]
+            into[key + tag] = into.get(key + tag, 0) + v / (k * raw.players.count(player))
 
     t0 = t_log = time.time()
     if ckpt is not None and "max_time" not in given:  # the budget is the whole run's, not this process's
@@ -721,6 +767,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 for p in raw.parameters():
                     p.requires_grad_(id(p) in mine)
             X, Y = splits["train"].batch(tcfg.batch_size * k * world, stream)
+            now = {}  # this step's loss and parts, for this player
             for m in range(k):
                 rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
                 x, y = share(X, Y, rows)
@@ -731,11 +778,38 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                     with autocast(device, dtype):
                         loss, parts = model(x, y, player=player)
                     scaler.scale(loss / k).backward()
-                total = tally(player, loss, parts)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(total), step, bad_step)
+                tally(player, loss, parts, now)
+            # The gradient norm (the clip's, when clipping) is checked along with the loss.
+            # Under fp16 the GradScaler owns non-finite gradients: it skips those steps.
+            norm = None
             if tcfg.grad_clip > 0:
                 scaler.unscale_(opt)
-                optim.clip_grad_norm_(raw.parameters_of(player), tcfg.grad_clip)
+                norm = optim.clip_grad_norm_(raw.parameters_of(player), tcfg.grad_clip)
+            elif not scaler.is_enabled():
+                norm = optim.grad_norm(raw.parameters_of(player))
+            prefix = "" if len(names) == 1 else f"{player} "
+            values = {prefix + key.removesuffix(f"_{player}"): v for key, v in now.items()}
+            if norm is not None and not scaler.is_enabled():
+                values[prefix + "gradient"] = norm
+            names_now = tuple(values)
+            if names_now not in where:  # each value's index in `checked`, built once
+                where[names_now] = torch.tensor([checked.setdefault(key, len(checked)) for key in values],
+                                                device=device)
+            finite = torch.isfinite(torch.stack([v.to(device) for v in values.values()]))
+            first = where[names_now][(~finite).int().argmax()]
+            if tcfg.skip_nonfinite:
+                ok = finite.all().float()
+                if ddp:  # every rank skips, or none
+                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                if not ok.item():
+                    skipped += 1
+                    raw.zero_grad(set_to_none=True)
+                    continue
+            else:
+                bad_at = torch.where((bad_at < 0) & ~finite.all(), step * 1024 + first, bad_at)
+            for key, v in now.items():
+                sums[key] = sums.get(key, 0) + v
+                counts[key] = counts.get(key, 0) + 1 / raw.players.count(player)
             scaler.step(opt)
             scaler.update()
             raw.zero_grad(set_to_none=True)
@@ -751,22 +825,25 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
             if any_bad():
                 break
-            shown = torch.stack(list(sums.values()))
+            shown = torch.stack(list(sums.values())) if sums else torch.zeros(0, device=device)
             if ddp:  # the logged loss is the global batch's, not rank 0's share
                 dist.all_reduce(shown)
                 shown /= world
             dt = time.time() - t_log
             t_log = time.time()
-            losses = dict(zip(sums, (shown / loss_n).tolist()))
+            losses = {key: v / counts[key] for key, v in zip(sums, shown.tolist())}
+            if tcfg.skip_nonfinite:
+                losses["skipped"] = skipped  # updates skipped so far, this run and the ones it resumed
             speed = loss_n * units_per_step / dt
             eta = (tcfg.max_iters - step) * dt / loss_n
             if tcfg.max_time:
                 eta = min(eta, max(0.0, tcfg.max_time - (time.time() - t0)))
             rate_text = f"{speed / 1e3:.1f}k" if speed >= 1e4 else f"{speed:.0f}"
-            say(f"step {step} | " + " | ".join(f"{key.replace('_', ' ')} {v:.4f}" for key, v in losses.items())
-                + f" | lr {lr:.2e} | {rate_text} {unit}/s | ETA {eta / 60:.1f}m")
+            shown_text = (f"{key.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else f"{key} {v}"
+                          for key, v in losses.items())
+            say(f"step {step} | " + " | ".join(shown_text) + f" | lr {lr:.2e} | {rate_text} {unit}/s | ETA {eta / 60:.1f}m")
             log(dict(step=step, **losses, lr=lr, **{f"{unit}_per_s": speed}, time=time.time() - t0))
-            sums, loss_n = {}, 0
+            sums, counts, loss_n = {}, {}, 0
             # Stop decisions are taken together, here, so no rank waits on another forever.
             elapsed = time.time() - t0
             rate = (step - step_train) / max(time.time() - t_train, 1e-9)  # steps/s, evals included
@@ -797,8 +874,10 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
 
     if bad >= 0:
-        raise UsageError(f"loss is not finite at step {bad}; stopped, the last good checkpoint "
-                         f"{ckpt_path} is kept (lower --lr, or try --dtype fp32)")
+        at, what = divmod(bad, 1024)
+        what = next(key for key, j in checked.items() if j == what)
+        raise UsageError(f"{what} is not finite at step {at}; stopped, the last good checkpoint {ckpt_path} "
+                         f"is kept (lower --lr, try --dtype fp32, or --skip-nonfinite to skip such updates)")
     return 0
 
 
@@ -808,6 +887,9 @@ def cli():
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except Fault as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     sys.exit(code)
 
 
