@@ -68,7 +68,7 @@ class TrainConfig:
     beta1: float = 0.9              # Adam beta1; SGD momentum
     beta2: float = 0.95             # Adam beta2
     grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
-    skip_nonfinite: bool = False    # skip a player's update whose loss or gradient is not finite, counted in the log, rather than stop (one device sync a step)
+    skip_nonfinite: bool = False    # skip a player's update whose loss or gradient is not finite, counted in the log, rather than stop (one device sync per player and step)
     ema: float = 0.0                # keep an exponential moving average of the weights with this decay (0: off); sampling, evaluation and metrics use it
     device: str = "auto"            # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"             # auto, bf16, fp16, fp32 (auto: bf16 where supported, else fp32)
@@ -279,8 +279,10 @@ def load_checkpoint(path):
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             reason = "it holds pickled objects beyond tensors and plain data, refused without running them"
         raise UsageError(f"{path}: not a readable nanogen checkpoint ({reason})")
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise UsageError(f"{path}: not a nanogen checkpoint (no model or config inside)")
+    conf = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not (isinstance(conf, dict) and isinstance(ckpt.get("model"), dict) and isinstance(conf.get("model"), str)
+            and isinstance(conf.get("model_config"), dict) and isinstance(conf.get("train_config"), dict)):
+        raise UsageError(f"{path}: not a nanogen checkpoint (no model, or no config of one, inside)")
     return ckpt
 
 
@@ -302,7 +304,7 @@ def build_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
         raise
     except Exception as e:  # an edited or damaged config: whatever breaks, one line
         raise UsageError(f"{path}: its config does not make a model ({type(e).__name__}: {str(e)[:120]})")
-    load_state(model, ckpt.get("ema") or ckpt["model"], conf["model"])
+    load_state(model, ckpt["ema"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"], conf["model"])
     return module, model.to(device), tcfg, mcfg
 
 
@@ -332,7 +334,7 @@ def logged_step(line):
     """The step of a log.jsonl line; infinity for a line that is not a whole record."""
     try:
         return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         return math.inf
 
 
@@ -496,12 +498,16 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     if ckpt is not None:
         load_state(model, ckpt["model"], tcfg.model)
         if ema is not None:
-            load_state(ema, ckpt["ema"] if ckpt.get("ema") else ckpt["model"], tcfg.model)
-        for player, opt in optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][player])
-        scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
-        start_step, best_val = ckpt["step"], ckpt["best_val"]
-        stream.set_state(ckpt["data_rng"])
+            load_state(ema, ckpt["ema"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"], tcfg.model)
+        try:
+            for player, opt in optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][player])
+            scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+            start_step, best_val = int(ckpt["step"]), float(ckpt["best_val"])
+            stream.set_state(ckpt["data_rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            raise UsageError(f"{ckpt_path}: cannot resume from it, its training state is incomplete "
+                             f"({type(e).__name__}: {str(e)[:100]}); start afresh with --overwrite")
         say(f"resumed from {ckpt_path} at step {start_step}")
 
     raw = model
@@ -522,15 +528,15 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         try:
             os.makedirs(out_dir, exist_ok=True)
             # A run killed while saving leaves its temp file (the checkpoint it replaced is intact).
-            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp*")):
+            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")):
                 os.remove(stale)
-                say(f"removed {stale}, a checkpoint a killed run had not finished writing")
+                say(f"removed {stale}, a file a killed run had not finished writing")
             keep = []
             if ckpt is not None and os.path.exists(os.path.join(out_dir, "log.jsonl")):
                 # Lines after the checkpoint's step belong to steps that are about to be redone.
                 # (A line cut short by a kill is dropped too.)
                 with open(os.path.join(out_dir, "log.jsonl"), errors="replace") as f:
-                    keep = [l for l in f if logged_step(l) <= ckpt["step"]]
+                    keep = [l.rstrip("\n") + "\n" for l in f if logged_step(l) <= ckpt["step"]]
             data.atomic_write(os.path.join(out_dir, "log.jsonl"), lambda f: f.write("".join(keep).encode()))
         except OSError as e:
             raise UsageError(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
@@ -687,20 +693,22 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, Stop.handler)
     Stop.signum = 0
-    # The first non-finite value, as step * 1024 + its index in `checked` (-1: none yet),
+    # The first non-finite value, as step * 1024 + its index in `checked` (NONE: none yet),
     # kept on the device so the hot loop never syncs; read at log and evaluation time.
-    bad_at = torch.full((), -1, dtype=torch.long, device=device)
-    bad, checked, where = -1, {}, {}
+    NONE = 2 ** 62
+    bad_at = torch.full((), NONE, dtype=torch.long, device=device)
+    bad, checked, where = NONE, {}, {}
+    trainable = {id(p) for p in raw.parameters() if p.requires_grad}  # a model may freeze some on purpose
     skipped = ckpt.get("skipped", 0) if ckpt is not None else 0
 
     def any_bad():
         """Whether any rank saw a non-finite value; every rank must take the same branch."""
         nonlocal bad
-        worst = bad_at.clone()
-        if ddp:
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        bad = int(worst.item())
-        return bad >= 0
+        first = bad_at.clone()
+        if ddp:  # the earliest over the ranks
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        bad = int(first.item())
+        return bad < NONE
 
     # Running sums of what the log shows (each player's loss and its model's parts) and
     # how many steps each holds (a skipped update adds nothing).
@@ -765,7 +773,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 # throw away (a third of D's backward pass).
                 mine = set(map(id, raw.parameters_of(player)))
                 for p in raw.parameters():
-                    p.requires_grad_(id(p) in mine)
+                    p.requires_grad_(id(p) in mine and id(p) in trainable)
             X, Y = splits["train"].batch(tcfg.batch_size * k * world, stream)
             now = {}  # this step's loss and parts, for this player
             for m in range(k):
@@ -803,10 +811,12 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
                 if not ok.item():
                     skipped += 1
+                    if tcfg.grad_clip > 0 and scaler.is_enabled():
+                        scaler.update()  # after unscale_, or the next unscale_ of this optimizer fails
                     raw.zero_grad(set_to_none=True)
                     continue
             else:
-                bad_at = torch.where((bad_at < 0) & ~finite.all(), step * 1024 + first, bad_at)
+                bad_at = torch.where((bad_at == NONE) & ~finite.all(), step * 1024 + first, bad_at)
             for key, v in now.items():
                 sums[key] = sums.get(key, 0) + v
                 counts[key] = counts.get(key, 0) + 1 / raw.players.count(player)
@@ -814,7 +824,8 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             scaler.update()
             raw.zero_grad(set_to_none=True)
         if len(names) > 1:
-            raw.requires_grad_(True)
+            for p in raw.parameters():
+                p.requires_grad_(id(p) in trainable)
         loss_n += 1
         step += 1
         if ema is not None:
@@ -873,7 +884,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             stop_reason = "max_time"
             say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
 
-    if bad >= 0:
+    if bad < NONE:
         at, what = divmod(bad, 1024)
         what = next(key for key, j in checked.items() if j == what)
         raise UsageError(f"{what} is not finite at step {at}; stopped, the last good checkpoint {ckpt_path} "
