@@ -699,6 +699,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     bad_at = torch.full((), NONE, dtype=torch.long, device=device)
     bad, checked, where = NONE, {}, {}
     trainable = {id(p) for p in raw.parameters() if p.requires_grad}  # a model may freeze some on purpose
+    own = {player: {id(p) for p in raw.parameters_of(player)} & trainable for player in names}
     skipped = ckpt.get("skipped", 0) if ckpt is not None else 0
 
     def any_bad():
@@ -771,9 +772,8 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 # Freeze the other players: the generator's backward pass then goes through
                 # D to its input without computing D's weight gradients, which it would
                 # throw away (a third of D's backward pass).
-                mine = set(map(id, raw.parameters_of(player)))
                 for p in raw.parameters():
-                    p.requires_grad_(id(p) in mine and id(p) in trainable)
+                    p.requires_grad_(id(p) in own[player])
             X, Y = splits["train"].batch(tcfg.batch_size * k * world, stream)
             now = {}  # this step's loss and parts, for this player
             for m in range(k):
@@ -795,16 +795,14 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 norm = optim.clip_grad_norm_(raw.parameters_of(player), tcfg.grad_clip)
             elif not scaler.is_enabled():
                 norm = optim.grad_norm(raw.parameters_of(player))
-            prefix = "" if len(names) == 1 else f"{player} "
-            values = {prefix + key.removesuffix(f"_{player}"): v for key, v in now.items()}
-            if norm is not None and not scaler.is_enabled():
-                values[prefix + "gradient"] = norm
-            names_now = tuple(values)
-            if names_now not in where:  # each value's index in `checked`, built once
-                where[names_now] = torch.tensor([checked.setdefault(key, len(checked)) for key in values],
-                                                device=device)
-            finite = torch.isfinite(torch.stack([v.to(device) for v in values.values()]))
-            first = where[names_now][(~finite).int().argmax()]
+            values = [*now.values()] + ([norm.to(device)] if not scaler.is_enabled() else [])
+            if (player, *now) not in where:  # each value's index in `checked`, named once
+                prefix = "" if len(names) == 1 else f"{player} "
+                labels = [prefix + key.removesuffix(f"_{player}") for key in now] + [prefix + "gradient"]
+                where[(player, *now)] = torch.tensor([checked.setdefault(label, len(checked))
+                                                      for label in labels[:len(values)]], device=device)
+            finite = torch.isfinite(torch.stack(values))
+            first = where[(player, *now)][(~finite).int().argmax()]
             if tcfg.skip_nonfinite:
                 ok = finite.all().float()
                 if ddp:  # every rank skips, or none
