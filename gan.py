@@ -43,6 +43,7 @@ class Config:
     cond: str = "projection"        # conditional D: projection (inner product of a label embedding with D's features) or concat (one-hot label channels)
     d_steps: int = 1                # discriminator steps per generator step
     mbstd: int = 0                  # D sees the feature spread within groups of this many examples (minibatch std, against collapse; 0: off)
+    pac: int = 1                    # D judges packs of this many examples side by side (PacGAN, against collapse; unconditional only; 1: off)
     d_lr_mult: float = 1.0          # TTUR (Heusel et al. 2017): D's learning rate is this times --lr
 
 
@@ -110,14 +111,14 @@ class Discriminator(nn.Module):
         extra = cfg.num_classes if cfg.num_classes and cfg.cond == "concat" else 0
         if cfg.point_dim:
             h = 8 * cfg.width
-            self.features = nn.Sequential(sn(nn.Linear(cfg.point_dim + extra, h), on), nn.LeakyReLU(0.2),
+            self.features = nn.Sequential(sn(nn.Linear(cfg.pac * cfg.point_dim + extra, h), on), nn.LeakyReLU(0.2),
                                           sn(nn.Linear(h, h), on), nn.LeakyReLU(0.2),
                                           sn(nn.Linear(h, h), on), nn.LeakyReLU(0.2))
             dim = h + (1 if cfg.mbstd else 0)
         else:
             w, s = 2 * cfg.width, cfg.image_size // 4  # DCGAN's D for 28x28: 64 then 128 channels
             self.features = nn.Sequential(
-                sn(nn.Conv2d(cfg.channels + extra, w, 4, 2, 1), on), nn.LeakyReLU(0.2),
+                sn(nn.Conv2d(cfg.pac * cfg.channels + extra, w, 4, 2, 1), on), nn.LeakyReLU(0.2),
                 sn(nn.Conv2d(w, 2 * w, 4, 2, 1), on), nn.LeakyReLU(0.2), nn.Flatten())
             dim = 2 * w * s * s + (1 if cfg.mbstd else 0)
         self.head = sn(nn.Linear(dim, 1), on)
@@ -125,8 +126,15 @@ class Discriminator(nn.Module):
             if cfg.num_classes and cfg.cond == "projection" else None
 
     def forward(self, x, y=None, parts=1):
-        """parts: x is that many equal batches concatenated (real, then fake), which the
-        minibatch std keeps apart."""
+        """A logit per example, or per pack of cfg.pac consecutive examples. parts: x is
+        that many equal batches concatenated (real, then fake), which the minibatch std
+        (and the packing, when each part is a multiple of pac) keeps apart."""
+        if self.cfg.pac > 1:
+            # PacGAN (Lin et al. 2018): pac examples side by side as one input, as channels
+            # (images) or coordinates (points). A pack of samples from a generator that has
+            # dropped modes looks unlike a pack of real examples even when each sample alone
+            # is convincing, so D can penalise the dropping.
+            x = x.reshape(x.shape[0] // self.cfg.pac, self.cfg.pac * x.shape[1], *x.shape[2:])
         if self.cfg.num_classes and self.cfg.cond == "concat":
             onehot = F.one_hot(y, self.cfg.num_classes).to(x.dtype)
             x = torch.cat([x, onehot[:, :, None, None].expand(-1, -1, *x.shape[2:]) if x.dim() == 4 else onehot], 1)
@@ -164,11 +172,15 @@ class Model(nn.Module):
         if not cfg.point_dim and (cfg.image_size % 4 or cfg.image_size < 8):
             raise ValueError(f"image_size {cfg.image_size}: the nets upsample twice by 2, so it must be "
                              f"a multiple of 4 (28 and 32 work)")
+        if cfg.pac < 1 or (cfg.pac > 1 and cfg.num_classes):
+            raise ValueError("pac must be at least 1, and 1 for a class-conditional model (a pack has no "
+                             "one label; --num-classes 0 trains unconditionally)")
         if cfg.d_steps < 1 or cfg.mbstd < 0 or cfg.r1 < 0 or cfg.d_lr_mult <= 0 or cfg.z_dim < 1 or cfg.width < 8 or cfg.width % 8:
             raise ValueError("d_steps and z_dim must be at least 1, width a multiple of 8, r1 and mbstd >= 0, d_lr_mult > 0")
         self.cfg = cfg
         self.players = ("discriminator",) * cfg.d_steps + ("generator",)
         self.lr_mult = {"discriminator": cfg.d_lr_mult}
+        self.batch_multiple = cfg.pac  # train.py: each micro-batch must split into whole packs
         self.generator = Generator(cfg)
         self.discriminator = Discriminator(cfg)
 
@@ -192,7 +204,7 @@ class Model(nn.Module):
         real = x.detach().requires_grad_(penalise)
         # One pass over real and fake together: one power iteration of spectral norm per step.
         logit = self.discriminator(torch.cat([real, fake.to(real.dtype)]), None if y is None else torch.cat([y, y]), parts=2)
-        lr, lf = logit[:B].float(), logit[B:].float()
+        lr, lf = logit[:B // self.cfg.pac].float(), logit[B // self.cfg.pac:].float()
         if self.cfg.loss == "ns":  # -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))
             loss = F.softplus(-lr).mean() + F.softplus(lf).mean()
         else:

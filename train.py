@@ -390,6 +390,50 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def load_data(module, tcfg, mcfg, given, pretrained=False):
+    """-> (dataset name, splits, info) for this run; fills mcfg's data-dependent fields
+    (channels, image_size, num_classes, point_dim, vocab_size) not set on the command line."""
+    dataset = tcfg.data or getattr(module, "DATA", "")
+    try:
+        splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir,
+                           block_size=getattr(mcfg, "block_size", 256))
+    except data.DataError as e:
+        raise UsageError(str(e))
+    info = splits["train"].info
+    need = {"image": "image_size", "points": "point_dim", "tokens": "vocab_size"}.get(info["kind"])
+    if need and not hasattr(mcfg, need):  # e.g. diffusion on 2D points: its Config has no point_dim
+        raise UsageError(f"--data {dataset} is {info['kind']} data, which --model {tcfg.model} does not take "
+                         f"(its Config has no {need})")
+    if info.get("vocab_size") and hasattr(mcfg, "vocab_size"):
+        if mcfg.vocab_size <= 0:
+            mcfg.vocab_size = info["vocab_size"]
+        elif mcfg.vocab_size < info["vocab_size"]:
+            fix = "use --tokenizer gpt2" if pretrained else "raise --vocab-size or pick another tokenizer"
+            raise UsageError(f"tokenizer {tcfg.tokenizer} has {info['vocab_size']} symbols but the model's "
+                             f"vocab_size is {mcfg.vocab_size}; {fix}")
+    for k in ("channels", "image_size", "num_classes", "point_dim"):
+        if info.get(k) is not None and hasattr(mcfg, k) and k not in given:
+            setattr(mcfg, k, info[k])
+    return dataset, splits, info
+
+
+def make_optimizers(model, tcfg):
+    """{player: optimizer}, one per player (a player may be listed more than once: it
+    steps that often), weight decay on matrices and embeddings only."""
+    optimizers = {}
+    for player in dict.fromkeys(model.players):
+        params = list(model.parameters_of(player))
+        ids = {id(p) for p in params}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+        groups = optim.weight_decay_groups(named, tcfg.weight_decay)
+        if tcfg.optimizer == "sgd":
+            optimizers[player] = optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.beta1)
+        else:
+            cls = optim.AdamW if tcfg.optimizer == "adamw" else optim.Adam
+            optimizers[player] = cls(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    return optimizers
+
+
 def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     master = rank == 0
     out_dir = tcfg.out_dir or os.path.join("out", os.path.splitext(os.path.basename(tcfg.model))[0])
@@ -440,27 +484,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         mcfg = model.cfg
 
     # Then the data: it fills the model's data-dependent fields.
-    dataset = tcfg.data or getattr(module, "DATA", "")
-    try:
-        splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir,
-                           block_size=getattr(mcfg, "block_size", 256))
-    except data.DataError as e:
-        raise UsageError(str(e))
-    info = splits["train"].info
-    need = {"image": "image_size", "points": "point_dim", "tokens": "vocab_size"}.get(info["kind"])
-    if need and not hasattr(mcfg, need):  # e.g. diffusion on 2D points: its Config has no point_dim
-        raise UsageError(f"--data {dataset} is {info['kind']} data, which --model {tcfg.model} does not take "
-                         f"(its Config has no {need})")
-    if info.get("vocab_size") and hasattr(mcfg, "vocab_size"):
-        if mcfg.vocab_size <= 0:
-            mcfg.vocab_size = info["vocab_size"]
-        elif mcfg.vocab_size < info["vocab_size"]:
-            fix = "use --tokenizer gpt2" if model is not None else "raise --vocab-size or pick another tokenizer"
-            raise UsageError(f"tokenizer {tcfg.tokenizer} has {info['vocab_size']} symbols but the model's "
-                             f"vocab_size is {mcfg.vocab_size}; {fix}")
-    for k in ("channels", "image_size", "num_classes", "point_dim"):
-        if info.get(k) is not None and hasattr(mcfg, k) and k not in given:
-            setattr(mcfg, k, info[k])
+    dataset, splits, info = load_data(module, tcfg, mcfg, given, pretrained=model is not None)
 
     if model is None:
         torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
@@ -468,6 +492,10 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             model = module.Model(mcfg)
         except ValueError as e:
             raise UsageError(f"model settings: {e}")
+    multiple = getattr(model, "batch_multiple", 1)  # e.g. a GAN whose D judges packs of examples
+    if tcfg.batch_size % multiple:
+        raise UsageError(f"--batch-size {tcfg.batch_size}: this model takes micro-batches in multiples "
+                         f"of {multiple}; pick a multiple of {multiple}")
     model.to(device)
     # The average starts as the initial weights; its decay ramps up as min(ema, (1+step)/(10+step)),
     # so a short run is not dominated by its random start.
@@ -475,19 +503,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     dtype = pick_dtype(tcfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    # One optimizer per player (a player may be listed more than once: it steps that often),
-    # weight decay on matrices and embeddings only.
-    optimizers = {}
-    for player in dict.fromkeys(model.players):
-        params = list(model.parameters_of(player))
-        ids = {id(p) for p in params}
-        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
-        groups = optim.weight_decay_groups(named, tcfg.weight_decay)
-        if tcfg.optimizer == "sgd":
-            optimizers[player] = optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.beta1)
-        else:
-            cls = optim.AdamW if tcfg.optimizer == "adamw" else optim.Adam
-            optimizers[player] = cls(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    optimizers = make_optimizers(model, tcfg)
 
     # Each step draws one global batch from a stream seeded alike on every rank; rank r's
     # micro-step m takes slice r*k + m. So the run depends only on the global batch size:

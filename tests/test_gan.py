@@ -136,12 +136,41 @@ def gan_points():
 
 
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, monkeypatch):
-    for flag, value in (("--loss", "wasserstein"), ("--d-steps", "0"), ("--width", "12")):
-        monkeypatch.setattr(sys, "argv", ["train.py", *POINTS, flag, value, "--out-dir", str(tmp_path / "x")])
+    for flags in (("--loss", "wasserstein"), ("--d-steps", "0"), ("--width", "12"), ("--pac", "0"),
+                  ("--pac", "3", "--batch-size", "16")):
+        monkeypatch.setattr(sys, "argv", ["train.py", *POINTS, *flags, "--out-dir", str(tmp_path / "x")])
         with pytest.raises(SystemExit) as e:
             train.cli()
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "multiple of 3" in err
+
+
+def test_pac_judges_packs_of_consecutive_examples():
+    """PacGAN: one logit per pack of `pac` consecutive examples, each pack seen whole by
+    D's first layer (so changing one example changes its pack's logit only), and real and
+    fake packs kept apart; the loss runs, with gradients, on images and on points."""
+    torch.manual_seed(0)
+    for cfg in (gan.Config(point_dim=2, width=8, pac=3), gan.Config(image_size=28, width=8, pac=3, mbstd=2)):
+        d = gan.Discriminator(cfg).eval()
+        x = torch.randn(12, *((2,) if cfg.point_dim else (1, 28, 28)))
+        x2 = x.clone()
+        x2[4] += 1.0
+        a, b = d(x), d(x2)
+        assert a.shape == (4,)
+        # example 4 is in pack 1 (examples 3..5); with the minibatch std over groups of 2
+        # packs, pack 0 shares its group
+        assert (a != b).tolist() == ([False, True] if cfg.point_dim else [True, True]) + [False, False]
+        first = d.features[0]  # the first layer sees the 3 examples side by side
+        assert first.weight.shape[1] == 3 * (2 if cfg.point_dim else 1)
+        model = gan.Model(cfg)
+        assert model.batch_multiple == 3
+        for player in model.players:
+            loss, _ = model(x, player=player)
+            loss.backward()
+            assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="class-conditional"):
+        gan.Model(gan.Config(image_size=28, width=8, pac=2, num_classes=10))
 
 
 def test_sampling_temperature_scales_z():
