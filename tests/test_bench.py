@@ -1,0 +1,74 @@
+"""bench.py measures what it says: its FLOP count against the closed form for a GPT step,
+its training step against train.py's, and its table and JSON on a small run. (Speed
+targets live in bench.py itself, never in timed tests.)"""
+import json
+
+import pytest
+import torch
+
+import bench
+import train
+
+
+def text_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    words = ["def", "return", "self", "import", "class", "(", ")", ":"]
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (5000,), generator=g).tolist()))
+    return str(path)
+
+
+def gpt_flags(tmp_path, L=2, d=32, T=16, B=3):
+    return ["--data", text_file(tmp_path), "--data-dir", str(tmp_path / "data"), "--n-layer", str(L),
+            "--n-head", "2", "--n-embd", str(d), "--block-size", str(T), "--batch-size", str(B)]
+
+
+def test_gpt_flops_match_the_closed_form(tmp_path):
+    """FLOPs of a training step, in closed form. Each linear map costs 2 FLOPs per weight
+    per token forward (attention and MLP: 12 d^2 a layer; the tied LM head: d V), and
+    twice that backward (the gradients of its input and of its weight). Attention costs
+    two T x T x d products forward (charged in full though causal), and five backward:
+    the scores recomputed, as the fused kernels do, then the gradients of V, of the
+    scores, of Q and of K. That is torch's own convention for its CUDA kernels, which
+    bench.py extends to the CPU kernel (counted as zero without it)."""
+    L, d, T, B = 2, 32, 16, 3
+    row = bench.bench_train("gpt", "fp32", False, 1, 0, ["--device", "cpu", *gpt_flags(tmp_path, L, d, T, B)])
+    V = 256  # the byte tokenizer
+    linear = 3 * 2 * B * T * (L * 12 * d * d + d * V)
+    attention = (2 + 5) * 2 * B * L * T * T * d
+    assert row["gflop_per_step"] * 1e9 == linear + attention
+    assert row["tokens_per_s"] == row["examples_per_s"] * T
+    assert 0 < row["data_share"] < 1 and row["utilisation"] > 0 and row["peak_mib"] > 0
+
+
+def test_the_bench_step_is_train_py_step(tmp_path):
+    """bench.py's step and train.py's from the same seed and batches: the losses of the
+    first steps agree (train.py logs each step with --log-interval 1)."""
+    flags = gpt_flags(tmp_path) + ["--warmup-iters", "0", "--lr", "1e-3", "--min-lr", "1e-3", "--device", "cpu",
+                                   "--dtype", "fp32"]
+    row = bench.bench_train("gpt", "fp32", False, 3, 0, flags)
+    out = tmp_path / "out"
+    assert train.main(flags + ["--max-iters", "4", "--log-interval", "1", "--eval-interval", "100",
+                               "--eval-iters", "1", "--out-dir", str(out)]) == 0
+    logged = [json.loads(l) for l in open(out / "log.jsonl")]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    # bench's row: the mean loss of its steps 2..4 (after the FLOP-counting step 1)
+    assert abs(row["loss"] - sum(losses[1:4]) / 3) < 1e-5
+
+
+def test_compare_prints_the_ratio_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = bench.main(["train", "--models", "gpt", "--compare", "fp32,fp32", "--steps", "1", "--warmup", "0",
+                       "--json", str(path), "--", *gpt_flags(tmp_path), "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "float32 eager / float32 eager" in out and "x throughput" in out
+    rows = json.load(open(path))["rows"]
+    assert len(rows) == 2 and rows[0]["loss"] == rows[1]["loss"]  # same seed, same steps: same losses
+
+
+def test_bad_compare_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["train", "--compare", "fp32,int8"])
+    assert e.value.code == 2
+    assert "--compare fp32,int8" in capsys.readouterr().err
