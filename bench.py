@@ -7,14 +7,15 @@ Benchmarks: measured on this machine, in this process, each beside its baseline.
     python bench.py optim                             # optim.AdamW vs torch.optim.AdamW(foreach=True)
     python bench.py frechet [--dim 2048]              # our Frechet distance vs scipy's sqrtm route
 
-train: the training step train.py takes (each player's forward, backward, clip and
-optimizer step, under autocast), on the preset's batch and real data, timed after
-warm-up. FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one step, not
-estimated; utilisation is the achieved FLOP/s over the peak of a large matmul in the
-same dtype, measured in the same run. Peak memory is CUDA's allocator peak, or on a CPU
-the process's peak resident set (VmHWM, reset before each row). "data" is the share of
-the step spent drawing the batch and moving it to the device. "loss" is the mean of the
-last 10 steps, so sides of --compare can be held against each other.
+train: train.py itself, run in this process on the preset's batch and real data: 2 x
+--steps steps, the first half warming up (compile, allocator, kernel choice), the second
+half timed as one of train.py's log intervals. FLOPs per step are counted by
+torch.utils.flop_counter.FlopCounterMode, not estimated; utilisation is the achieved
+FLOP/s over the peak of a large matmul in the same dtype, measured in the same run. Peak
+memory is CUDA's allocator peak, or on a CPU the process's peak resident set (VmHWM,
+reset before each row). "data" is the share of the step train.py spent drawing batches
+and moving them to the device. "val loss" is train.py's evaluation after the last step
+(a GAN: the generator's), so the sides of --compare can be held against each other.
 sample: GPT tokens/s generating a full context with and without the KV cache (greedy,
 and whether the tokens are identical); diffusion images/s for ancestral sampling over
 all T and for 50 DDIM steps, at the preset's T and at DDPM's T = 1000.
@@ -26,10 +27,12 @@ scipy side runs only where scipy is installed (it is not a dependency).
 """
 import argparse
 import contextlib
+import io
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -76,14 +79,19 @@ def reset_peak(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
-        with contextlib.suppress(OSError):
+        try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+            _peaks["rss reset"] = True
+        except OSError:
+            _peaks["rss reset"] = False
 
 
 def peak_mib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if not _peaks.get("rss reset"):
+        return float("nan")  # the peak would be the whole process's, not this row's
     with contextlib.suppress(OSError):
         with open("/proc/self/status") as f:
             for line in f:
@@ -98,8 +106,9 @@ _peaks = {}
 
 
 def matmul_peak(device, dtype):
-    """FLOP/s of a square matmul in `dtype`: the largest size whose single multiply stays
-    under ~0.2 s (so an emulated dtype is measured small rather than for minutes), best of 5."""
+    """(FLOP/s, n): the best rate of an n x n matmul in `dtype`, n doubling from 256 up to
+    a cap or until one multiply takes over 0.05 s (so an emulated dtype is measured small
+    rather than for minutes), each size best of 5."""
     key = (str(device), dtype)
     if key not in _peaks:
         cap = 8192 if device.type == "cuda" else 2048
@@ -114,11 +123,12 @@ def matmul_peak(device, dtype):
                 sync(device)
             sync(device)
             t, _ = timed(mm, 5)
-            best = max(best, 2 * n ** 3 / t)
+            if 2 * n ** 3 / t > best:
+                best, at = 2 * n ** 3 / t, n
             if n >= cap or t > 0.05:
                 break
             n *= 2
-        _peaks[key] = (best, n)
+        _peaks[key] = (best, at)
     return _peaks[key]
 
 
@@ -134,80 +144,61 @@ CPU_ATTENTION_FLOPS = {
         lambda grad_out, q, k, v, *args, **kw: flop_counter.sdpa_backward_flop_count(grad_out, q, k, v),
 }
 
-def bench_train(spec, dtype_name, compiled, steps, warmup, extra=()):
-    """One row: the training step of `spec` ("model:preset") in one dtype, eager or compiled."""
+def quiet_train(argv):
+    """train.main on argv with its console output swallowed; -> its log records."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = train.main(argv)
+    if code:
+        raise train.UsageError(f"train.py {' '.join(argv)} stopped with exit code {code}")
+    out = argv[argv.index("--out-dir") + 1]
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
+    """One row: train.py itself, run in this process for 2 x steps steps of `spec`
+    ("model:preset"); the first `steps` warm up (compile, allocator, kernel choice), the
+    second `steps` are one log interval, whose rate and data share train.py logs. FLOPs:
+    the counted FLOPs of a 2-step run less those of a 1-step run (both evaluate and
+    sample alike), so exactly one of train.py's steps."""
     name, _, preset = spec.partition(":")
-    argv = ["--model", name, "--dtype", dtype_name, *(["--preset", preset] if preset else []), *extra]
-    module, tcfg, mcfg, given = train.parse_args(argv)
+    out = os.path.join(workdir, "run")
+    base = ["--model", name, *(["--preset", preset] if preset else []), *extra, "--dtype", dtype_name,
+            "--eval-interval", str(10 ** 9), "--eval-iters", "1", "--sample-tokens", "8", "--sample-images", "4",
+            "--out-dir", out, "--overwrite"]
+    module, tcfg, mcfg, given = train.parse_args(base)
     device = train.pick_device(tcfg.device, 0)
     dtype = train.pick_dtype(tcfg.dtype, device)
-    _, splits, info = train.load_data(module, tcfg, mcfg, given)
-    torch.manual_seed(tcfg.seed)
-    model = module.Model(mcfg).to(device)
-    optimizers = train.make_optimizers(model, tcfg)
-    step_model = torch.compile(model) if compiled else model
-    players, k, B = model.players, tcfg.grad_accum, tcfg.batch_size
-    own = {p: {id(q) for q in model.parameters_of(p)} for p in players}
-    stream = torch.Generator().manual_seed(tcfg.seed)
-    lr_mult = getattr(model, "lr_mult", {})
-
-    def step(n, step_model=step_model):
-        """The step train.py takes (at the peak LR, one process); -> (last loss, data seconds)."""
-        data_s, loss = 0.0, None
-        for i, player in enumerate(players):
-            opt = optimizers[player]
-            for group in opt.param_groups:
-                group["lr"] = tcfg.lr * lr_mult.get(player, 1.0)
-            if len(set(players)) > 1:  # the other players frozen, as in train.py
-                for p in model.parameters():
-                    p.requires_grad_(id(p) in own[player])
-            sync(device)
-            t = time.perf_counter()
-            X, Y = splits["train"].batch(B * k, stream)
-            X = X.to(device, non_blocking=True)
-            Y = None if Y is None else Y.to(device, non_blocking=True)
-            sync(device)
-            data_s += time.perf_counter() - t
-            for m in range(k):
-                torch.manual_seed(hash((tcfg.seed, n, i, m)) & 0x7FFF_FFFF_FFFF_FFFF)  # as train.py seeds it
-                rows = slice(m * B, (m + 1) * B)
-                with train.autocast(device, dtype):
-                    loss, _ = step_model(X[rows], None if Y is None else Y[rows], player=player)
-                (loss / k).backward()
-            if tcfg.grad_clip > 0:
-                optim.clip_grad_norm_(model.parameters_of(player), tcfg.grad_clip)
-            opt.step()
-            model.zero_grad(set_to_none=True)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return loss.detach(), data_s
-
-    # FLOPs of one step, counted on the eager model (the arithmetic is the same compiled).
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        step(0, model)
-    flops = counter.get_total_flops()
-    for n in range(1, 1 + warmup):  # compile, allocator and kernel choice
-        step(n)
-    sync(device)
+    why = compiled and train.compile_unavailable(device)
+    if why:  # train.py would fall back to eager, and the row would not be what it says
+        raise train.UsageError(f"--compare eager,compile: {why}")
+    counted = []
+    for n in (1, 2):
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+            quiet_train(base + ["--max-iters", str(n)])
+        counted.append(counter.get_total_flops())
+    flops = counted[1] - counted[0]
+    peak, size = matmul_peak(device, dtype)  # before the memory peak is reset: its matrices are not the run's
     reset_peak(device)
-    losses, data_s = [], 0.0
-    t = time.perf_counter()
-    for n in range(1 + warmup, 1 + warmup + steps):
-        loss, d = step(n)
-        losses.append(loss)
-        data_s += d
-    sync(device)
-    dt = (time.perf_counter() - t) / steps
-    peak, size = matmul_peak(device, dtype)
-    per_step = B * k
-    tokens = per_step * info["shape"][0] if info["kind"] == "tokens" else None
+    log = quiet_train(base + ["--max-iters", str(2 * steps), "--log-interval", str(steps),
+                              *(["--compile"] if compiled else [])])
+    memory = peak_mib(device)
+    line = next(r for r in log if r.get("step") == 2 * steps and "lr" in r)
+    final = [r for r in log if any(k.startswith("val_loss") for k in r)][-1]
+    rate_key = next(k for k in line if k.endswith("_per_s"))
+    per_s = line[rate_key]
+    tokens = rate_key == "tok_per_s"
+    examples = per_s / mcfg.block_size if tokens else per_s
+    per_step = tcfg.batch_size * tcfg.grad_accum
+    step_s = per_step / examples
+    val = [v for k, v in final.items() if k.startswith("val_loss")][-1]  # a GAN: the last player's
     return dict(what="train", model=spec, side=f"{str(dtype).removeprefix('torch.')} "
                                               f"{'compile' if compiled else 'eager'}",
-                device=machine(device), step_s=dt, examples_per_s=per_step / dt,
-                tokens_per_s=tokens / dt if tokens else None, gflop_per_step=flops / 1e9,
-                achieved_gflops=flops / dt / 1e9, peak_gflops=peak / 1e9, peak_matmul_n=size,
-                utilisation=flops / dt / peak, peak_mib=peak_mib(device), data_share=data_s / (dt * steps),
-                loss=torch.stack(losses[-10:]).float().mean().item(), steps=steps, after_steps=warmup + steps + 1)
+                device=machine(device), step_s=step_s, examples_per_s=examples,
+                tokens_per_s=per_s if tokens else None, gflop_per_step=flops / 1e9,
+                achieved_gflops=flops / step_s / 1e9, peak_gflops=peak / 1e9, peak_matmul_n=size,
+                utilisation=flops / step_s / peak, peak_mib=memory, data_share=line["data_share"],
+                val_loss=val, steps=2 * steps)
 
 
 # ---- sampling ---------------------------------------------------------------------------
@@ -240,6 +231,9 @@ def bench_sample(device, dtype):
                                      if hasattr(diffusion.Config, k)}, "timesteps": T})
         model = diffusion.Model(cfg).to(device).eval()
         n = 16
+        if device.type == "cuda":  # library start-up and kernel choice, outside the timings
+            model.sample(n, steps=2)
+            sync(device)
         times = {}
         for steps in (50, 0):  # DDIM-50, then ancestral over all T
             def go():
@@ -339,19 +333,19 @@ def print_table(rows):
     train_rows = [r for r in rows if r["what"] == "train"]
     if train_rows:
         head = ("model", "side", "ex/s", "tok/s", "GFLOP/step", "GFLOP/s", "peak GFLOP/s", "util", "peak MiB",
-                "data", "loss")
+                "data", "val loss")
         body = [(r["model"], r["side"], fmt(r["examples_per_s"], ".1f"), fmt(r["tokens_per_s"], ".0f"),
                  fmt(r["gflop_per_step"], ".2f"), fmt(r["achieved_gflops"], ".1f"),
                  f"{r['peak_gflops']:.1f} (n={r['peak_matmul_n']})", f"{r['utilisation']:.1%}",
-                 f"{r['peak_mib']:.0f}", f"{r['data_share']:.1%}", f"{r['loss']:.4f}") for r in train_rows]
+                 f"{r['peak_mib']:.0f}", f"{r['data_share']:.1%}", f"{r['val_loss']:.4f}") for r in train_rows]
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
         for line in (head, *body):
             print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
         for a, b in zip(train_rows, train_rows[1:]):  # each compared pair, as a ratio
             if a["model"] == b["model"]:
                 print(f"{a['model']}: {b['side']} / {a['side']} = {b['examples_per_s'] / a['examples_per_s']:.2f}x "
-                      f"throughput; loss after {b['after_steps']} steps {b['loss']:.4f} vs {a['loss']:.4f} "
-                      f"({(b['loss'] - a['loss']) / a['loss']:+.2%})")
+                      f"throughput; val loss after {b['steps']} steps {b['val_loss']:.4f} vs "
+                      f"{a['val_loss']:.4f} ({(b['val_loss'] - a['val_loss']) / abs(a['val_loss'] or 1):+.2%})")
     for r in rows:
         if r["what"] == "sample":
             extra = f", tokens identical: {r['identical']}" if "identical" in r else ""
@@ -366,7 +360,7 @@ def print_table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.strip().split("\n\n")[0],
+    p = train.Parser(prog="bench.py", description=__doc__.strip().split("\n\n")[0],
                                 epilog=__doc__.strip().split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["all", "train", "sample", "optim", "frechet"],
@@ -376,9 +370,9 @@ def main(argv=None):
     p.add_argument("--compare", default="",
                    help="train: two sides run in this process, fp32,bf16 (dtypes) or eager,compile "
                         "(default: the auto dtype, eager)")
-    p.add_argument("--steps", type=int, default=5, help="train: timed steps per row (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="train: untimed steps before them (default: %(default)s; at least 3 with compile)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="train: timed steps per row, after as many untimed (default: %(default)s; at least 3 "
+                        "with compile, whose first steps compile)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--dim", type=int, default=2048, help="frechet: feature dimension (default: %(default)s, pool3's)")
     p.add_argument("--repeats", type=int, default=3, help="frechet: best of this many runs (default: %(default)s)")
@@ -388,8 +382,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
-    if args.dim < 2 or args.repeats < 1 or args.steps < 1 or args.warmup < 0:
-        p.error("--dim must be at least 2, --repeats and --steps at least 1, --warmup at least 0")
+    if args.dim < 2 or args.repeats < 1 or args.steps < 1:
+        p.error("--dim must be at least 2, --repeats and --steps at least 1")
     sides = [("auto", False)]
     if args.compare:
         names = args.compare.split(",")
@@ -403,13 +397,13 @@ def main(argv=None):
         device = train.pick_device(args.device, 0)
         rows = []
         if args.what in ("all", "train"):
-            # Both sides take the same steps, so their losses compare; compiling takes a few.
-            warmup = max(args.warmup, 3) if any(c for _, c in sides) else args.warmup
-            for spec in args.models.split(","):
-                for dtype_name, compiled in sides:
-                    print(f"bench: {spec} {dtype_name} {'compile' if compiled else 'eager'}", file=sys.stderr)
-                    rows.append(bench_train(spec, dtype_name, compiled, args.steps, warmup,
-                                            ["--device", args.device, *extra]))
+            steps = max(args.steps, 3) if any(c for _, c in sides) else args.steps  # both sides alike
+            with tempfile.TemporaryDirectory() as workdir:
+                for spec in args.models.split(","):
+                    for dtype_name, compiled in sides:
+                        print(f"bench: {spec} {dtype_name} {'compile' if compiled else 'eager'}", file=sys.stderr)
+                        rows.append(bench_train(spec, dtype_name, compiled, steps,
+                                                ["--device", args.device, *extra], workdir))
         if args.what in ("all", "sample"):
             rows += bench_sample(device, train.pick_dtype("auto", device))
         if args.what in ("all", "optim"):
@@ -422,8 +416,12 @@ def main(argv=None):
     print(f"# {machine(device)}, torch {torch.__version__}")
     print_table(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=machine(device), torch=torch.__version__, rows=rows), f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(dict(machine=machine(device), torch=torch.__version__, rows=rows), f, indent=1)
+        except OSError as e:
+            print(f"error: --json {args.json}: cannot write it ({e.strerror})", file=sys.stderr)
+            return 2
     return 0
 
 

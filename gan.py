@@ -212,7 +212,8 @@ class Model(nn.Module):
         if penalise:
             # create_graph: the penalty's own gradient w.r.t. D's weights is what trains D.
             grad, = torch.autograd.grad(lr.sum(), real, create_graph=True)
-            loss = loss + self.cfg.r1 / 2 * grad.float().pow(2).flatten(1).sum(1).mean()
+            # Per D input: with packing, the gradient with respect to the whole pack.
+            loss = loss + self.cfg.r1 / 2 * grad.float().pow(2).reshape(B // self.cfg.pac, -1).sum(1).mean()
         return loss, {}
 
     @torch.no_grad()

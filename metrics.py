@@ -149,6 +149,17 @@ def mode_coverage(points, centers, std):
     return int(nearest[good].unique().numel()), float(good.float().mean())
 
 
+def mode_balance(points, centers, std):
+    """The least-visited mode's high-quality samples over a fair share of them (all
+    high-quality samples / modes): 1 for a perfectly even spread, near 0 when a mode is
+    covered by a handful of samples, which mode_coverage still counts as covered."""
+    points, centers = torch.as_tensor(points).float(), torch.as_tensor(centers).float()
+    points = points[torch.isfinite(points).all(1)]
+    d, nearest = torch.cdist(points, centers).min(1)
+    counts = torch.bincount(nearest[d <= 3 * std], minlength=len(centers)).float()
+    return float(counts.min() / counts.mean()) if counts.sum() > 0 else 0.0
+
+
 def bits_per_dim(nll_nats, num_dims):
     """Mean negative log-likelihood in bits per dimension.
 
@@ -498,7 +509,8 @@ def report(real, fake, train_set, splits, args, name):
     if fake.dtype.is_floating_point and fake.shape[1:] == (2,):  # 2D points
         centers, std = splits["train"].centers, splits["train"].std
         modes, hq = mode_coverage(fake, centers, std)
-        rows.update({"modes covered": f"{modes}/{len(centers)}", "high quality %": 100 * hq})
+        rows.update({"modes covered": f"{modes}/{len(centers)}", "high quality %": 100 * hq,
+                     "smallest mode % of fair": 100 * mode_balance(fake, centers, std)})
         rows["precision"], rows["recall"] = precision_recall(real, fake, k=args.k)
         return rows, "raw 2D coordinates"
     if fake.shape[1:] != real.shape[1:]:

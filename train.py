@@ -248,12 +248,13 @@ def autocast(device, dtype):
 
 def compile_unavailable(device):
     """Why torch.compile cannot work here, or None."""
+    import importlib
     import shutil
     if not hasattr(torch, "compile"):
         return "this torch has no torch.compile"
     try:
-        import torch._dynamo
-        if not torch._dynamo.is_dynamo_supported():
+        # (not `import torch._dynamo`: inside a function that makes torch a local name)
+        if not importlib.import_module("torch._dynamo").is_dynamo_supported():
             return "torch.compile does not support this Python"
     except Exception as e:
         return f"torch.compile is unavailable ({type(e).__name__})"
@@ -730,6 +731,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     # Running sums of what the log shows (each player's loss and its model's parts) and
     # how many steps each holds (a skipped update adds nothing).
     sums, counts, loss_n = {}, {}, 0
+    data_s = 0.0  # seconds the host spent drawing batches and moving them to the device
 
     def tally(player, loss, parts, into):
         """Add a micro-batch's loss and logged parts (tensors, no device sync) to `into`."""
@@ -790,11 +792,15 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
                 # throw away (a third of D's backward pass).
                 for p in raw.parameters():
                     p.requires_grad_(id(p) in own[player])
+            t_data = time.perf_counter()
             X, Y = splits["train"].batch(tcfg.batch_size * k * world, stream)
+            data_s += time.perf_counter() - t_data
             now = {}  # this step's loss and parts, for this player
             for m in range(k):
                 rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
+                t_data = time.perf_counter()
                 x, y = share(X, Y, rows)
+                data_s += time.perf_counter() - t_data
                 seed_noise(step, i, rank * k + m)
                 # All-reduce gradients only on the last micro-step.
                 sync = contextlib.nullcontext() if (not ddp or m == k - 1) else model.no_sync()
@@ -867,8 +873,9 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
             shown_text = (f"{key.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else f"{key} {v}"
                           for key, v in losses.items())
             say(f"step {step} | " + " | ".join(shown_text) + f" | lr {lr:.2e} | {rate_text} {unit}/s | ETA {eta / 60:.1f}m")
-            log(dict(step=step, **losses, lr=lr, **{f"{unit}_per_s": speed}, time=time.time() - t0))
-            sums, counts, loss_n = {}, {}, 0
+            log(dict(step=step, **losses, lr=lr, **{f"{unit}_per_s": speed}, data_share=data_s / dt,
+                     time=time.time() - t0))
+            sums, counts, loss_n, data_s = {}, {}, 0, 0.0
             # Stop decisions are taken together, here, so no rank waits on another forever.
             elapsed = time.time() - t0
             rate = (step - step_train) / max(time.time() - t_train, 1e-9)  # steps/s, evals included

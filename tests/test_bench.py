@@ -1,6 +1,6 @@
 """bench.py measures what it says: its FLOP count against the closed form for a GPT step,
-its training step against train.py's, and its table and JSON on a small run. (Speed
-targets live in bench.py itself, never in timed tests.)"""
+and its table and JSON on a small run. (Speed targets live in bench.py itself, never in
+timed tests.)"""
 import json
 
 import pytest
@@ -32,7 +32,8 @@ def test_gpt_flops_match_the_closed_form(tmp_path):
     scores, of Q and of K. That is torch's own convention for its CUDA kernels, which
     bench.py extends to the CPU kernel (counted as zero without it)."""
     L, d, T, B = 2, 32, 16, 3
-    row = bench.bench_train("gpt", "fp32", False, 1, 0, ["--device", "cpu", *gpt_flags(tmp_path, L, d, T, B)])
+    row = bench.bench_train("gpt", "fp32", False, 2, ["--device", "cpu", *gpt_flags(tmp_path, L, d, T, B)],
+                            str(tmp_path))
     V = 256  # the byte tokenizer
     linear = 3 * 2 * B * T * (L * 12 * d * d + d * V)
     attention = (2 + 5) * 2 * B * L * T * T * d
@@ -41,30 +42,15 @@ def test_gpt_flops_match_the_closed_form(tmp_path):
     assert 0 < row["data_share"] < 1 and row["utilisation"] > 0 and row["peak_mib"] > 0
 
 
-def test_the_bench_step_is_train_py_step(tmp_path):
-    """bench.py's step and train.py's from the same seed and batches: the losses of the
-    first steps agree (train.py logs each step with --log-interval 1)."""
-    flags = gpt_flags(tmp_path) + ["--warmup-iters", "0", "--lr", "1e-3", "--min-lr", "1e-3", "--device", "cpu",
-                                   "--dtype", "fp32"]
-    row = bench.bench_train("gpt", "fp32", False, 3, 0, flags)
-    out = tmp_path / "out"
-    assert train.main(flags + ["--max-iters", "4", "--log-interval", "1", "--eval-interval", "100",
-                               "--eval-iters", "1", "--out-dir", str(out)]) == 0
-    logged = [json.loads(l) for l in open(out / "log.jsonl")]
-    losses = [r["loss"] for r in logged if "loss" in r]
-    # bench's row: the mean loss of its steps 2..4 (after the FLOP-counting step 1)
-    assert abs(row["loss"] - sum(losses[1:4]) / 3) < 1e-5
-
-
 def test_compare_prints_the_ratio_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    code = bench.main(["train", "--models", "gpt", "--compare", "fp32,fp32", "--steps", "1", "--warmup", "0",
+    code = bench.main(["train", "--models", "gpt", "--compare", "fp32,fp32", "--steps", "1",
                        "--json", str(path), "--", *gpt_flags(tmp_path), "--device", "cpu"])
     assert code == 0
     out = capsys.readouterr().out
     assert "float32 eager / float32 eager" in out and "x throughput" in out
     rows = json.load(open(path))["rows"]
-    assert len(rows) == 2 and rows[0]["loss"] == rows[1]["loss"]  # same seed, same steps: same losses
+    assert len(rows) == 2 and rows[0]["val_loss"] == rows[1]["val_loss"]  # same seed, same steps: same losses
 
 
 def test_bad_compare_is_one_line(capsys):

@@ -207,3 +207,21 @@ def test_minibatch_std_never_groups_real_with_fake():
     a = d(torch.cat([real, fake]), parts=2)
     b = d(torch.cat([real, fake + 1]), parts=2)
     assert torch.equal(a[:6], b[:6]) and not torch.equal(a[6:], b[6:])
+
+
+def test_r1_with_packs_penalises_the_gradient_per_pack():
+    """R1 is gamma/2 E|grad D|^2 over D's inputs; with packing an input is a pack, so the
+    squared norm is summed over the pack's examples, not averaged over examples."""
+    torch.manual_seed(0)
+    cfg = gan.Config(point_dim=2, width=8, pac=2, r1=3000.0, spectral_norm=False)
+    model = gan.Model(cfg)
+    x = torch.randn(8, 2)
+    torch.manual_seed(1)
+    with_r1, _ = model(x, player="discriminator")
+    model.cfg.r1 = 0.0
+    torch.manual_seed(1)
+    without, _ = model(x, player="discriminator")
+    real = x.clone().requires_grad_()
+    grad, = torch.autograd.grad(model.discriminator(real).sum(), real)
+    per_pack = grad.pow(2).reshape(4, 4).sum(1)  # 4 packs of 2 examples x 2 coordinates
+    assert torch.allclose(with_r1 - without, 3000.0 / 2 * per_pack.mean(), rtol=1e-4)

@@ -152,6 +152,16 @@ def test_mode_coverage_full_on_exact_samples_and_drops_with_modes():
     assert hq < 0.2
 
 
+def test_mode_balance_sees_a_mode_held_by_a_handful():
+    split = data.load("grid25")["train"]
+    x, _ = split.batch(5000, torch.Generator().manual_seed(0))
+    assert metrics.mode_balance(x, split.centers, split.std) > 0.7  # 200 a mode, give or take sqrt(200)
+    nearest = torch.cdist(x, split.centers).argmin(1)
+    thin = x[(nearest != 0) | (torch.arange(len(x)) % 40 == 0)]  # mode 0 keeps about 5 of its 200
+    assert metrics.mode_coverage(thin, split.centers, split.std)[0] == 25
+    assert metrics.mode_balance(thin, split.centers, split.std) < 0.1
+
+
 def test_uniform_model_over_256_levels_scores_8_bits_per_dim():
     # A model that puts probability 1/256 on each level of each subpixel: its nll is the
     # cross-entropy of all-zero logits, summed over the image's dimensions.

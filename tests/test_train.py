@@ -243,3 +243,13 @@ def test_readme_quickstart_runs_a_few_steps(tmp_path):
     r = cli(*cmd.split()[2:], *extra)
     assert r.returncode == 0, r.stderr
     assert "val" in r.stdout and os.path.exists(tmp_path / "q" / "ckpt.pt")
+
+
+def test_compile_check_answers_without_compiling():
+    """--compile first asks compile_unavailable why it cannot run (None: it can). The
+    answer must come back, never an exception (a stray local import once made it raise
+    UnboundLocalError, so every --compile run crashed); compiling itself stays out of the
+    default tests (~20 s on CPU): bench.py --compare eager,compile runs it."""
+    why = train.compile_unavailable(torch.device("cpu"))
+    assert why is None or isinstance(why, str) and why
+    assert train.compile_unavailable(torch.device("cpu")) == why
