@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import bench
-import train
 
 
 def text_file(tmp_path):
