@@ -14,8 +14,10 @@ torch.utils.flop_counter.FlopCounterMode, not estimated; utilisation is the achi
 FLOP/s over the peak of a large matmul in the same dtype, measured in the same run. Peak
 memory is CUDA's allocator peak, or on a CPU the process's peak resident set (VmHWM,
 reset before each row). "data" is the share of the step train.py spent drawing batches
-and moving them to the device. "val loss" is train.py's evaluation after the last step
-(a GAN: the generator's), so the sides of --compare can be held against each other.
+and moving them to the device (host time; on a GPU it overlaps queued work). "val loss"
+is train.py's evaluation after the last step (a GAN: the generator's), so the sides of
+--compare can be held against each other; the runs follow the preset's LR schedule, so
+a short run is still in warm-up (add -- --warmup-iters 0 to train at the peak LR).
 sample: GPT tokens/s generating a full context with and without the KV cache, for one
 sequence and for four (greedy, and whether the tokens are identical); diffusion images/s for ancestral sampling over
 all T and for 50 DDIM steps, at the preset's T and at DDPM's T = 1000.
@@ -27,6 +29,7 @@ scipy side runs only where scipy is installed (it is not a dependency).
 """
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -144,13 +147,13 @@ CPU_ATTENTION_FLOPS = {
         lambda grad_out, q, k, v, *args, **kw: flop_counter.sdpa_backward_flop_count(grad_out, q, k, v),
 }
 
-def quiet_train(argv):
-    """train.main on argv with its console output swallowed; -> its log records."""
+def quiet_train(argv, out):
+    """train.main on argv (whose --out-dir is `out`) with its console output swallowed;
+    -> its log records."""
     with contextlib.redirect_stdout(io.StringIO()):
         code = train.main(argv)
-    if code:
-        raise train.UsageError(f"train.py {' '.join(argv)} stopped with exit code {code}")
-    out = argv[argv.index("--out-dir") + 1]
+    if code >= 128:  # stopped by a signal (Ctrl-C): stop the bench too
+        raise KeyboardInterrupt
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -163,6 +166,8 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
     sample alike), so exactly one of train.py's steps."""
     name, _, preset = spec.partition(":")
     out = os.path.join(workdir, "run")
+    if "--out-dir" in extra:
+        raise train.UsageError("bench.py picks the --out-dir of its runs (a temporary folder); drop the flag")
     base = ["--model", name, *(["--preset", preset] if preset else []), *extra, "--dtype", dtype_name,
             "--eval-interval", str(10 ** 9), "--eval-iters", "1", "--sample-tokens", "8", "--sample-images", "4",
             "--out-dir", out, "--overwrite"]
@@ -175,15 +180,23 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
     counted = []
     for n in (1, 2):
         with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-            quiet_train(base + ["--max-iters", str(n)])
+            quiet_train(base + ["--max-iters", str(n)], out)
         counted.append(counter.get_total_flops())
     flops = counted[1] - counted[0]
     peak, size = matmul_peak(device, dtype)  # before the memory peak is reset: its matrices are not the run's
+    if compiled:  # a fresh compile cache, so earlier rows cannot use up its entries
+        torch._dynamo.reset()
+    gc.collect()  # what earlier rows left behind is not this row's memory
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     reset_peak(device)
     log = quiet_train(base + ["--max-iters", str(2 * steps), "--log-interval", str(steps),
-                              *(["--compile"] if compiled else [])])
+                              *(["--compile"] if compiled else [])], out)
     memory = peak_mib(device)
-    line = next(r for r in log if r.get("step") == 2 * steps and "lr" in r)
+    line = next((r for r in log if r.get("step") == 2 * steps and "lr" in r), None)
+    if line is None:
+        raise train.UsageError(f"{spec}: train.py stopped before step {2 * steps} "
+                               f"(a --max-time or --max-iters among the extra flags?)")
     final = [r for r in log if any(k.startswith("val_loss") for k in r)][-1]
     rate_key = next(k for k in line if k.endswith("_per_s"))
     per_s = line[rate_key]
@@ -212,8 +225,9 @@ def bench_sample(device, dtype):
     model = gpt.Model(cfg).to(device).eval()
     new = cfg.block_size  # a full context of new tokens
     # One sequence, and four at once: one token at a time against the cache reads every
-    # weight per token, so on a CPU it is bound by memory bandwidth and barely costs more
-    # for four sequences; recomputing the window is bound by arithmetic and costs 4x.
+    # weight per token, so on a CPU it is bound by memory bandwidth and four sequences
+    # cost little more than one (1.5x here); recomputing the window is bound by
+    # arithmetic and costs more (2.7x here).
     for batch in (1, 4):
         prompt = torch.zeros(batch, 1, dtype=torch.long, device=device)
         out = {}
@@ -418,6 +432,9 @@ def main(argv=None):
     except train.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
     print(f"# {machine(device)}, torch {torch.__version__}")
     print_table(rows)
     if args.json:

@@ -57,3 +57,11 @@ def test_bad_compare_is_one_line(capsys):
         bench.main(["train", "--compare", "fp32,int8"])
     assert e.value.code == 2
     assert "--compare fp32,int8" in capsys.readouterr().err
+
+
+def test_a_run_that_stops_early_or_a_chosen_out_dir_is_one_line(tmp_path, capsys):
+    flags = [*gpt_flags(tmp_path), "--device", "cpu"]
+    for extra in (["--out-dir", str(tmp_path / "mine")], ["--max-time", "1e-9"]):
+        assert bench.main(["train", "--models", "gpt", "--steps", "2", "--", *flags, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and ("--out-dir" in err[-1] or "stopped before step 4" in err[-1]), err
