@@ -136,16 +136,21 @@ def memorization(fake, train, ratio=1 / 3):
     return float((d[:, 0] < ratio * d[:, 1]).float().mean())
 
 
+def _nearest_modes(points, centers, std):
+    """(index of each finite point's nearest mode, whether it is within 3 std of it)."""
+    points, centers = torch.as_tensor(points).float(), torch.as_tensor(centers).float()
+    points = points[torch.isfinite(points).all(1)]
+    d, nearest = torch.cdist(points, centers).min(1)
+    return nearest, d <= 3 * std
+
+
 def mode_coverage(points, centers, std):
     """For the 2D mixtures, as in VEEGAN and PacGAN: a sample is high quality when within
     3 standard deviations of its nearest mode; a mode is covered when it is the nearest
     mode of at least one high-quality sample. -> (modes covered, share of high quality)."""
-    points, centers = torch.as_tensor(points).float(), torch.as_tensor(centers).float()
-    points = points[torch.isfinite(points).all(1)]
-    if len(points) == 0:
+    nearest, good = _nearest_modes(points, centers, std)
+    if len(nearest) == 0:
         return 0, 0.0
-    d, nearest = torch.cdist(points, centers).min(1)
-    good = d <= 3 * std
     return int(nearest[good].unique().numel()), float(good.float().mean())
 
 
@@ -153,10 +158,8 @@ def mode_balance(points, centers, std):
     """The least-visited mode's high-quality samples over a fair share of them (all
     high-quality samples / modes): 1 for a perfectly even spread, near 0 when a mode is
     covered by a handful of samples, which mode_coverage still counts as covered."""
-    points, centers = torch.as_tensor(points).float(), torch.as_tensor(centers).float()
-    points = points[torch.isfinite(points).all(1)]
-    d, nearest = torch.cdist(points, centers).min(1)
-    counts = torch.bincount(nearest[d <= 3 * std], minlength=len(centers)).float()
+    nearest, good = _nearest_modes(points, centers, std)
+    counts = torch.bincount(nearest[good], minlength=len(centers)).float()
     return float(counts.min() / counts.mean()) if counts.sum() > 0 else 0.0
 
 
