@@ -13,6 +13,13 @@ loss takes G's samples without a graph (no gradient reaches G); the generator's 
 backpropagates through D into G, and train.py clears every gradient before the next
 player, so that pass never leaks into D's next step.
 
+The latent. z ~ N(0, I) is connected, and G is continuous, so a G that draws several
+separate modes (grid25's 25 Gaussians) must also draw points on the paths between them,
+and only steep changes of G between the modes' regions of z make those few (Khayatkhoei
+et al. 2018). With z_classes, the latent also holds a uniform random category, embedded
+and fed to G as a label is: each category can land on one mode, with no path between.
+D never sees the category, so the model stays unconditional.
+
 No batch norm anywhere: its statistics depend on how a batch is split, so a run on two
 processes (or with gradient accumulation) would differ from one big batch. G
 normalises per example instead (GroupNorm), and D relies on spectral norm or nothing.
@@ -45,6 +52,7 @@ class Config:
     mbstd: int = 0                  # D sees the feature spread within groups of this many examples (minibatch std, against collapse; 0: off)
     pac: int = 1                    # D judges packs of this many examples side by side (PacGAN, against collapse; unconditional only; 1: off)
     d_lr_mult: float = 1.0          # TTUR (Heusel et al. 2017): D's learning rate is this times --lr
+    z_classes: int = 0              # > 0: the latent also holds a uniform random category out of this many, which G embeds as it does a label (unconditional only; 0: off)
 
 
 PRESETS = {
@@ -55,17 +63,24 @@ PRESETS = {
     "tiny": dict(width=32, z_dim=64, mbstd=4, batch_size=64, lr=2e-4, min_lr=2e-4, warmup_iters=0, max_iters=20000,
                  beta1=0.5, beta2=0.999, weight_decay=0.0, grad_clip=0.0, d_lr_mult=2.0,
                  eval_interval=1000, eval_iters=4, ema=0.999, sample_images=100),
-    # The 2D mixtures: MLPs 256 wide, 12,000 steps of 1,024 points. Large batches keep the
-    # modes: with 256 points (10 a mode) the count wandered between 18 and 22 of 25 for
-    # 40,000 steps; with 1,024 all 25 were held from step 7,000. The LR stays at its peak
-    # for 70% of the run, then a cosine sharpens the modes (a cosine from the start froze
-    # the count early). No spectral norm: it keeps D 1-Lipschitz, too smooth to tell a mode
-    # 0.05 wide from the space around it (2% of samples within 3 std of a mode after 3,000
-    # steps, against 14% without); R1 also slowed it (gamma 0.01: 45% at 5,000 steps,
-    # against 67% without).
-    "grid25": dict(data="grid25", width=32, z_dim=16, spectral_norm=False, batch_size=1024, lr=5e-4,
-                   min_lr=2.5e-5, lr_hold=0.7, warmup_iters=0, max_iters=12000, beta1=0.5, beta2=0.999,
-                   weight_decay=0.0, grad_clip=0.0, eval_interval=2000, eval_iters=1, ema=0.999),
+    # The 2D mixtures: MLPs 256 wide, 6,000 steps of 1,024 points (7-9 minutes on one core).
+    # The latent holds one of 100 categories beside z: with z alone, G drew points between
+    # the modes and dropped some (seeds 1, 2: 20 and 16 of 25 modes at 12,000 steps; with
+    # PacGAN's packs all 25, but 80-93% high quality at 24,000). With the categories, every
+    # category found a mode, but at D's learning rate = G's, G then ignored z: each mode a
+    # few dots (recall 0.04-0.15). D at twice G's rate keeps the spread (recall 0.75-0.87
+    # at 6,000 steps, seeds 1-5; it narrows with more: 0.46-0.53 at 12,000). Large batches
+    # keep the modes (at 256 points, 10 a mode, the count wandered between 18 and 22 of 25
+    # for 40,000 steps); the LR holds for 70% of the run, then a cosine sharpens the modes;
+    # the EMA of G is what holds still (the raw G's share of high quality swung between 23%
+    # and 76% while the LR held). No spectral norm: it keeps D 1-Lipschitz, too smooth to
+    # tell a mode 0.05 wide from the space around it (2% of samples within 3 std of a mode
+    # after 3,000 steps, against 14% without, z alone); R1 also slowed it (gamma 0.01: 45%
+    # at 5,000 steps, against 67% without).
+    "grid25": dict(data="grid25", width=32, z_dim=16, z_classes=100, spectral_norm=False, batch_size=1024,
+                   lr=5e-4, d_lr_mult=2.0, min_lr=2.5e-5, lr_hold=0.7, warmup_iters=0, max_iters=6000,
+                   beta1=0.5, beta2=0.999, weight_decay=0.0, grad_clip=0.0, eval_interval=2000, eval_iters=1,
+                   ema=0.999),
 }
 PRESETS["ring8"] = dict(PRESETS["grid25"], data="ring8")
 
@@ -78,8 +93,9 @@ class Generator(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        cin = cfg.z_dim * (2 if cfg.num_classes else 1)
-        self.embed = nn.Embedding(cfg.num_classes, cfg.z_dim) if cfg.num_classes else None
+        classes = cfg.num_classes or cfg.z_classes  # a label, or the latent's category
+        cin = cfg.z_dim * (2 if classes else 1)
+        self.embed = nn.Embedding(classes, cfg.z_dim) if classes else None
         if cfg.point_dim:
             h = 8 * cfg.width
             self.net = nn.Sequential(nn.Linear(cin, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
@@ -172,6 +188,9 @@ class Model(nn.Module):
         if not cfg.point_dim and (cfg.image_size % 4 or cfg.image_size < 8):
             raise ValueError(f"image_size {cfg.image_size}: the nets upsample twice by 2, so it must be "
                              f"a multiple of 4 (28 and 32 work)")
+        if cfg.z_classes < 0 or (cfg.z_classes and cfg.num_classes):
+            raise ValueError("z_classes must be at least 0, and 0 for a class-conditional model (its label "
+                             "already takes G's embedding)")
         if cfg.pac < 1 or (cfg.pac > 1 and cfg.num_classes):
             raise ValueError("pac must be at least 1, and 1 for a class-conditional model (a pack has no "
                              "one label; --num-classes 0 trains unconditionally)")
@@ -192,14 +211,16 @@ class Model(nn.Module):
         y = y if self.cfg.num_classes else None
         B = x.shape[0]
         z = torch.randn(B, self.cfg.z_dim, device=x.device)
+        # G's label input: the data's label, or the latent's random category (D never sees it).
+        g_in = torch.randint(0, self.cfg.z_classes, (B,), device=x.device) if self.cfg.z_classes else y
         if player == "generator":
-            logit = self.discriminator(self.generator(z, y), y)
+            logit = self.discriminator(self.generator(z, g_in), y)
             # Non-saturating: maximise log D(G(z)) rather than minimise log(1 - D(G(z))),
             # whose gradient vanishes exactly when D wins, early in training.
             loss = F.softplus(-logit).mean() if self.cfg.loss == "ns" else -logit.mean()
             return loss, {}
         with torch.no_grad():
-            fake = self.generator(z, y)
+            fake = self.generator(z, g_in)
         penalise = self.cfg.r1 > 0 and torch.is_grad_enabled()  # not under evaluation's no_grad
         real = x.detach().requires_grad_(penalise)
         # One pass over real and fake together: one power iteration of spectral norm per step.
@@ -218,15 +239,16 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, y=None, z=None, temperature=1.0, generator=None):
-        """n images in [-1, 1] (or 2D points). y: labels [n] for a conditional model
-        (None: uniform random labels). z: the latents [n, z_dim] (None: drawn from
-        N(0, temperature^2 I); below 1 trades variety for quality, like BigGAN's truncation)."""
+        """n images in [-1, 1] (or 2D points). y: labels [n] for a conditional model, or
+        the latent's categories under z_classes (None: uniform random ones). z: the
+        latents [n, z_dim] (None: drawn from N(0, temperature^2 I); below 1 trades variety
+        for quality, like BigGAN's truncation)."""
         device = next(self.parameters()).device
         if z is None:
             z = temperature * torch.randn(n, self.cfg.z_dim, generator=generator, device=device)
-        if self.cfg.num_classes:
-            if y is None:
-                y = torch.randint(0, self.cfg.num_classes, (n,), generator=generator, device=device)
-        else:
+        classes = self.cfg.num_classes or self.cfg.z_classes
+        if not classes:
             y = None
+        elif y is None:
+            y = torch.randint(0, classes, (n,), generator=generator, device=device)
         return self.generator(z.to(device), y).float()

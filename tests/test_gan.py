@@ -81,11 +81,12 @@ def test_each_player_steps_only_its_own_parameters(tmp_path):
 
 @pytest.mark.parametrize("sn,tol", [(False, 1e-5), (True, 2e-4)])
 def test_two_processes_equal_one_process_for_two_players(tmp_path, sn, tol):
-    # R1 on, so the penalty's double backward runs under DDP as well. Spectral norm's power
+    # R1 on, so the penalty's double backward runs under DDP as well, and (without spectral
+    # norm) the latent's categories, drawn per micro-batch as z is. Spectral norm's power
     # iteration runs once per forward pass, so 2 micro-batches take 2 iterations where 2
     # processes take 1 each: with it on, the runs differ by about 1e-5 in the loss.
     common = [*POINTS, "--max-iters", "3", "--eval-interval", "3", "--r1", "0.5", "--d-steps", "2",
-              *(["--spectral-norm"] if sn else ["--no-spectral-norm", "--mbstd", "4"])]
+              *(["--spectral-norm"] if sn else ["--no-spectral-norm", "--mbstd", "4", "--z-classes", "8"])]
     run(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "one"))
     r = run(*common, "--out-dir", str(tmp_path / "two"), nproc=2)
     assert "2 process(es)" in r.stdout
@@ -225,3 +226,34 @@ def test_r1_with_packs_penalises_the_gradient_per_pack():
     grad, = torch.autograd.grad(model.discriminator(real).sum(), real)
     per_pack = grad.pow(2).reshape(4, 4).sum(1)  # 4 packs of 2 examples x 2 coordinates
     assert torch.allclose(with_r1 - without, 3000.0 / 2 * per_pack.mean(), rtol=1e-4)
+
+
+def test_latent_category_is_g_input_only(monkeypatch):
+    """z_classes: G takes a random category beside z (each category its own embedding), D
+    never sees it, and sampling draws it uniformly unless it is given."""
+    torch.manual_seed(0)
+    cfg = gan.Config(point_dim=2, z_dim=4, width=8, z_classes=5)
+    m = gan.Model(cfg).eval()
+    assert m.generator.embed.num_embeddings == 5 and m.discriminator.embed is None
+    z = torch.randn(1, 4).expand(5, 4)  # one z, each category: five different points
+    x = m.sample(5, y=torch.arange(5), z=z)
+    assert torch.cdist(x, x).add(torch.eye(5)).min() > 1e-4
+    torch.testing.assert_close(m.sample(5, y=torch.arange(5), z=z), x)
+    drawn = m.sample(2000, z=z[:1].expand(2000, 4), generator=torch.Generator().manual_seed(1))
+    d = torch.cdist(drawn, x, compute_mode="donot_use_mm_for_euclid_dist")
+    assert d.min(1).values.max() < 1e-5  # each drawn point is one category's point
+    which = d.argmin(1)
+    counts = torch.bincount(which, minlength=5)
+    assert counts.min() > 330 and counts.max() < 470  # uniform: 400 each, within 3.5 std
+    seen = []
+    real = gan.Discriminator.forward
+    def spy(self, x, y=None, parts=1):
+        seen.append(y)
+        return real(self, x, y, parts)
+    monkeypatch.setattr(gan.Discriminator, "forward", spy)
+    for player in m.players:
+        m(torch.randn(8, 2), None, player)[0].backward()
+    assert seen == [None, None]
+    assert m.generator.embed.weight.grad.abs().sum() > 0  # G's step trains the embedding
+    with pytest.raises(ValueError, match="class-conditional"):
+        gan.Model(gan.Config(image_size=28, width=8, z_classes=4, num_classes=10))
