@@ -190,7 +190,7 @@ class Model(nn.Module):
                              f"a multiple of 4 (28 and 32 work)")
         if cfg.z_classes < 0 or (cfg.z_classes and cfg.num_classes):
             raise ValueError("z_classes must be at least 0, and 0 for a class-conditional model (its label "
-                             "already takes G's embedding)")
+                             "already takes G's embedding; --num-classes 0 trains unconditionally)")
         if cfg.pac < 1 or (cfg.pac > 1 and cfg.num_classes):
             raise ValueError("pac must be at least 1, and 1 for a class-conditional model (a pack has no "
                              "one label; --num-classes 0 trains unconditionally)")

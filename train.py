@@ -447,7 +447,13 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         conf = ckpt["config"]
         if os.path.splitext(os.path.basename(conf["model"]))[0] != os.path.splitext(os.path.basename(tcfg.model))[0]:
             raise UsageError(f"{ckpt_path} holds a {conf['model']} model, not {tcfg.model}")
-        # The checkpoint's settings, except those given again on the command line now.
+        # The checkpoint's settings, except those given again on the command line now. A
+        # setting it lacks (one added to the code since) was at its default in that run,
+        # whatever a --preset says now.
+        for cfg, stored in ((tcfg, conf["train_config"]), (mcfg, conf["model_config"])):
+            for f in dataclasses.fields(cfg):
+                if f.name not in stored and f.name not in given and f.default is not dataclasses.MISSING:
+                    setattr(cfg, f.name, f.default)
         for k, v in conf["train_config"].items():
             if hasattr(tcfg, k) and k not in given:
                 setattr(tcfg, k, v)

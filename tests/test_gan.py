@@ -250,10 +250,34 @@ def test_latent_category_is_g_input_only(monkeypatch):
     def spy(self, x, y=None, parts=1):
         seen.append(y)
         return real(self, x, y, parts)
+    drawn_y = []
+    g_real = gan.Generator.forward
+    def g_spy(self, z, y=None):
+        drawn_y.append(y)
+        return g_real(self, z, y)
     monkeypatch.setattr(gan.Discriminator, "forward", spy)
+    monkeypatch.setattr(gan.Generator, "forward", g_spy)
     for player in m.players:
-        m(torch.randn(8, 2), None, player)[0].backward()
+        m(torch.randn(1000, 2), None, player)[0].backward()
     assert seen == [None, None]
+    for y in drawn_y:  # training draws a category per example, each of the 5 about equally
+        assert y.shape == (1000,) and torch.bincount(y, minlength=5).min() > 140 and y.max() < 5
     assert m.generator.embed.weight.grad.abs().sum() > 0  # G's step trains the embedding
     with pytest.raises(ValueError, match="class-conditional"):
         gan.Model(gan.Config(image_size=28, width=8, z_classes=4, num_classes=10))
+
+
+def test_resume_of_a_run_from_before_a_setting_existed(tmp_path):
+    """A checkpoint written before z_classes (and lr_hold) existed resumes under --preset
+    grid25, which now sets them: a setting the checkpoint lacks takes its default, the
+    value that run had, not the preset's (else G would want an embedding it never had)."""
+    out, flags = tmp_path / "old", [*POINTS, "--eval-interval", "2"]
+    run(*flags, "--max-iters", "2", "--out-dir", str(out))
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    del ck["config"]["model_config"]["z_classes"], ck["config"]["train_config"]["lr_hold"]
+    torch.save(ck, out / "ckpt.pt")
+    run("--preset", "grid25", *flags, "--max-iters", "4", "--out-dir", str(out), "--resume")
+    conf = ckpt(out)["config"]
+    assert ckpt(out)["step"] == 4
+    assert conf["model_config"]["z_classes"] == 0 and conf["train_config"]["lr_hold"] == train.TrainConfig.lr_hold
+    assert conf["model_config"]["d_lr_mult"] == 1.0  # stored, so the checkpoint's, not the preset's 2.0
