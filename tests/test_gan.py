@@ -245,18 +245,11 @@ def test_latent_category_is_g_input_only(monkeypatch):
     which = d.argmin(1)
     counts = torch.bincount(which, minlength=5)
     assert counts.min() > 330 and counts.max() < 470  # uniform: 400 each, within 3.5 std
-    seen = []
-    real = gan.Discriminator.forward
-    def spy(self, x, y=None, parts=1):
-        seen.append(y)
-        return real(self, x, y, parts)
-    drawn_y = []
-    g_real = gan.Generator.forward
-    def g_spy(self, z, y=None):
-        drawn_y.append(y)
-        return g_real(self, z, y)
-    monkeypatch.setattr(gan.Discriminator, "forward", spy)
-    monkeypatch.setattr(gan.Generator, "forward", g_spy)
+    seen, drawn_y = [], []  # the y that D's and G's forward passes get
+    d_forward, g_forward = gan.Discriminator.forward, gan.Generator.forward
+    monkeypatch.setattr(gan.Discriminator, "forward",
+                        lambda self, x, y=None, parts=1: seen.append(y) or d_forward(self, x, y, parts))
+    monkeypatch.setattr(gan.Generator, "forward", lambda self, z, y=None: drawn_y.append(y) or g_forward(self, z, y))
     for player in m.players:
         m(torch.randn(1000, 2), None, player)[0].backward()
     assert seen == [None, None]
@@ -273,11 +266,12 @@ def test_resume_of_a_run_from_before_a_setting_existed(tmp_path):
     value that run had, not the preset's (else G would want an embedding it never had)."""
     out, flags = tmp_path / "old", [*POINTS, "--eval-interval", "2"]
     run(*flags, "--max-iters", "2", "--out-dir", str(out))
-    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    ck = ckpt(out)
     del ck["config"]["model_config"]["z_classes"], ck["config"]["train_config"]["lr_hold"]
     torch.save(ck, out / "ckpt.pt")
     run("--preset", "grid25", *flags, "--max-iters", "4", "--out-dir", str(out), "--resume")
-    conf = ckpt(out)["config"]
-    assert ckpt(out)["step"] == 4
+    resumed = ckpt(out)
+    conf = resumed["config"]
+    assert resumed["step"] == 4
     assert conf["model_config"]["z_classes"] == 0 and conf["train_config"]["lr_hold"] == train.TrainConfig.lr_hold
     assert conf["model_config"]["d_lr_mult"] == 1.0  # stored, so the checkpoint's, not the preset's 2.0
