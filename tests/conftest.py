@@ -12,3 +12,10 @@ def shared_data(tmp_path_factory):
     """One data dir for the whole session: the digits (rendered once, ~10 s) and the
     digits classifier (trained once, ~25 s) are reused by every test that needs them."""
     return str(tmp_path_factory.mktemp("shared-data"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "summation_order: compares two computations that are equal in exact arithmetic but sum in "
+        "another order (micro-batches, processes, a cache); .ci/run runs these again under smaller instruction "
+        "sets (ATEN_CPU_CAPABILITY), as other CPUs would compute them")
