@@ -226,7 +226,10 @@ class Model(nn.Module):
         # the reverse step is the decoder, whose scale this sets (as in improved-diffusion).
         post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
         large_logvar = torch.log(torch.cat([post_var[1:2], betas[1:]]))  # beta, first entry from beta-tilde
+        # x_t = a x0 + s eps with a = sqrt(ab) and s = sqrt(1 - ab), both taken in float64:
+        # 1 - ab in fp32 would keep only a few digits of s near t = 0, where ab is 0.9999.
         for name, value in dict(betas=betas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+                                sqrt_ab=ac.sqrt(), sqrt_1m_ab=(1 - ac).sqrt(),
                                 posterior_variance=post_var, posterior_logvar=post_logvar,
                                 model_logvar=post_logvar if cfg.variance == "small" else large_logvar,
                                 posterior_mean_coef1=betas * ac_prev.sqrt() / (1 - ac),
@@ -242,7 +245,7 @@ class Model(nn.Module):
 
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x0) = N(sqrt(ab_t) x0, (1 - ab_t) I), given the noise."""
-        return self._at("alphas_cumprod", t, x0).sqrt() * x0 + (1 - self._at("alphas_cumprod", t, x0)).sqrt() * noise
+        return self._at("sqrt_ab", t, x0) * x0 + self._at("sqrt_1m_ab", t, x0) * noise
 
     def q_posterior(self, x0, xt, t):
         """Mean and variance of q(x_{t-1} | x_t, x0)."""
@@ -259,8 +262,8 @@ class Model(nn.Module):
         if self.cfg.num_classes:
             null = torch.full((B,), self.cfg.num_classes, device=x.device)
             y = null if y is None else torch.where(torch.rand(B, device=x.device) < self.cfg.p_uncond, null, y)
-        ab = self._at("alphas_cumprod", t, x)
-        target = {"eps": noise, "x0": x, "v": ab.sqrt() * noise - (1 - ab).sqrt() * x}[self.cfg.objective]
+        a, s = self._at("sqrt_ab", t, x), self._at("sqrt_1m_ab", t, x)
+        target = {"eps": noise, "x0": x, "v": a * noise - s * x}[self.cfg.objective]
         out = self.net(xt, t, y if self.cfg.num_classes else None)
         return F.mse_loss(out.float(), target), {}
 
@@ -268,8 +271,10 @@ class Model(nn.Module):
         """(x0-hat, eps-hat) at x_t. Guidance mixes the conditional and unconditional
         epsilons as eps_u + guidance * (eps_c - eps_u): guidance 1 is plain conditional
         sampling (the neutral scale), 0 unconditional, above 1 stronger conditioning.
-        With clip, x0-hat is clamped to [-1, 1] and eps-hat recomputed from it, so the
-        step stays consistent with the clamped prediction."""
+        The mix is taken of the network's outputs, which is the same: each objective's
+        (x0, eps) is affine in the output at a fixed x_t (see _x0_eps). With clip, x0-hat
+        is clamped to [-1, 1] and eps-hat recomputed from it, so the step stays
+        consistent with the clamped prediction."""
         B = xt.shape[0]
         if self.cfg.num_classes:
             null = torch.full((B,), self.cfg.num_classes, device=xt.device)
@@ -279,24 +284,29 @@ class Model(nn.Module):
         tt = torch.full((B,), t, device=xt.device) if isinstance(t, int) else t
         if guidance is not None and self.cfg.num_classes:
             out = self.net(torch.cat([xt, xt]), torch.cat([tt, tt]), torch.cat([y, null])).float()
-            eps_c, eps_u = self._eps(out[:B], xt, tt), self._eps(out[B:], xt, tt)
-            eps = eps_u + guidance * (eps_c - eps_u)
+            out = out[B:] + guidance * (out[:B] - out[B:])  # unconditional + guidance * (conditional - it)
         else:
-            eps = self._eps(self.net(xt, tt, y).float(), xt, tt)
-        ab = self._at("alphas_cumprod", tt, xt)
-        x0 = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+            out = self.net(xt, tt, y).float()
+        x0, eps = self._x0_eps(out, xt, tt)
         if clip:
             x0 = x0.clamp(-1, 1)
-            eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+            eps = (xt - self._at("sqrt_ab", tt, xt) * x0) / self._at("sqrt_1m_ab", tt, xt)
         return x0, eps
 
-    def _eps(self, out, xt, t):
-        ab = self._at("alphas_cumprod", t, xt)
+    def _x0_eps(self, out, xt, t):
+        """(x0-hat, eps-hat) from the network's output `out` at x_t = a x0 + s eps, with
+        a = sqrt(ab_t) and s = sqrt(1 - ab_t), each by its own formula from the output:
+        x0 is never rebuilt through eps for v or x0, which would subtract two nearly equal
+        numbers and divide by a where alpha-bar is tiny (cosine schedule, last steps).
+        Both are affine in `out` at a fixed x_t, and an affine map carries the mix
+        (1 - w) out_u + w out_c to the same mix of its images: guiding the outputs is
+        guiding eps (and x0)."""
+        a, s = self._at("sqrt_ab", t, xt), self._at("sqrt_1m_ab", t, xt)
         if self.cfg.objective == "eps":
-            return out
+            return (xt - s * out) / a, out
         if self.cfg.objective == "x0":
-            return (xt - ab.sqrt() * out) / (1 - ab).sqrt()
-        return (1 - ab).sqrt() * xt + ab.sqrt() * out  # v = sqrt(ab) eps - sqrt(1-ab) x0
+            return out, (xt - a * out) / s
+        return a * xt - s * out, s * xt + a * out  # v = a eps - s x0
 
     @torch.no_grad()
     def sample(self, n, steps=None, eta=0.0, y=None, guidance=None, x_T=None, generator=None, progress=None):
