@@ -11,7 +11,6 @@ names its network. `inception` is the standard one of the literature (its weight
 downloaded once); `classifier` works offline on labelled datasets and is trained here on
 the dataset's train split, then cached.
 """
-import argparse
 import inspect
 import json
 import math
@@ -76,6 +75,8 @@ def inception_score(logits, splits=10):
     part's mean prediction, and std is numpy's (ddof=0). Float64 throughout."""
     logits = torch.as_tensor(logits).double()
     n = len(logits)
+    if n < splits:
+        raise ValueError(f"the Inception Score's {splits} splits need at least {splits} samples; got {n}")
     logits = logits[torch.from_numpy(np.random.RandomState(2020).permutation(n))]
     scores = []
     for i in range(splits):
@@ -113,6 +114,8 @@ def _pairwise_min(a, b, fn, chunk=2048):
 
 def knn_radii(x, k):
     """Distance from each point to its k-th nearest neighbour in its own set (itself excluded)."""
+    if len(x) <= k:
+        raise ValueError(f"the {k}-th nearest neighbour needs more than {k} points; got {len(x)}")
     return _pairwise_min(x, x, lambda d: d.kthvalue(k + 1, dim=1).values)
 
 
@@ -301,7 +304,10 @@ class InceptionE(nn.Module):  # Mixed_7b (pool="avg") and Mixed_7c (pool="max"),
 
 
 class InceptionV3(nn.Module):
-    """FID InceptionV3. forward(x): x [B, 1 or 3, H, W] in [-1, 1] -> (pool3 [B, 2048], logits [B, 1008]).
+    """FID InceptionV3. forward(x): x [B, 1 or 3, H, W] in [-1, 1] -> (pool3 [B, 2048], logits [B, 1008]),
+    the images prepared as pytorch-fid prepares them (FID's reference). trunk(x): the network
+    itself on an already prepared x [B, 3, 299, 299]; torch_fidelity_input prepares one as
+    torch-fidelity does (the reference of IS and KID), see extract's `convention`.
 
     The module puts itself in eval mode (BatchNorm must use its running statistics)."""
 
@@ -329,12 +335,17 @@ class InceptionV3(nn.Module):
         self.eval()
 
     def forward(self, x):
+        """pytorch-fid's preparation, then the network."""
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         # As pytorch-fid: bilinear, align_corners=False, no antialias (identity at 299x299).
         # FID: no torchvision transform_input re-normalization; the TF graph maps pixels to [-1, 1]
-        # and so do our inputs (pytorch-fid's 2x-1 from [0, 1] is therefore skipped).
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        # and so do our inputs (pytorch-fid's 2x-1 from [0, 1] is therefore skipped: resizing is
+        # affine with weights summing to 1, so it commutes with 2x-1 up to rounding).
+        return self.trunk(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False))
+
+    def trunk(self, x):
+        """The network on prepared input [B, 3, 299, 299] -> (pool3 [B, 2048], logits [B, 1008])."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -343,6 +354,44 @@ class InceptionV3(nn.Module):
             x = getattr(self, "Mixed_" + name)(x)
         pool3 = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)  # FID: no dropout before fc
         return pool3.float(), self.fc(pool3).float()
+
+
+# ---- torch-fidelity's preparation of InceptionV3 input (IS and KID with --features inception) ----------
+# torch-fidelity 0.4.0, feature_extractor_inceptionv3.py, FeatureExtractorInceptionV3.forward: uint8
+# [B, 3, H, W] -> float32 -> interpolate_bilinear_2d_like_tensorflow1x(size=(299, 299),
+# align_corners=False) -> (x - 128) / 128 -> the same network. pytorch-fid instead takes x / 255, resizes
+# with torch's bilinear (half-pixel centres) and maps to 2x - 1. Written here from TF1's formula.
+
+
+def resize_bilinear_tf1(x, size):
+    """TensorFlow 1.x resize_bilinear with align_corners=False, of x [B, C, H, W] (float) to size (h, w).
+
+    Output pixel (i, j) samples the source at (i * H/h, j * W/w): no half-pixel offset (torch's
+    align_corners=False samples at (i + 0.5) * H/h - 0.5, which keeps the image centred; TF1 shifts it
+    towards the top-left). From a coordinate c: lo = floor(c), hi = min(lo + 1, H - 1) (the last row or
+    column repeats), weight c - lo; within rows first, top = a + (b - a) * dx, then between rows,
+    top + (bottom - top) * dy. Coordinates are computed in x's dtype: in float32 that is TF1's own
+    arithmetic (float(i) * float(H / h)), which torch-fidelity reproduces."""
+    def axis(n_in, n_out):
+        c = torch.arange(n_out, dtype=x.dtype, device=x.device) * torch.tensor(n_in / n_out, dtype=x.dtype)
+        lo = c.long()  # c >= 0, so truncation is floor
+        return lo, (lo + 1).clamp(max=n_in - 1), c - lo.to(x.dtype)
+
+    (y0, y1, dy), (x0, x1, dx) = axis(x.shape[2], size[0]), axis(x.shape[3], size[1])
+    r0, r1 = x[:, :, y0], x[:, :, y1]
+    top = r0[..., x0] + (r0[..., x1] - r0[..., x0]) * dx
+    bottom = r1[..., x0] + (r1[..., x1] - r1[..., x0]) * dx
+    return top + (bottom - top) * dy[:, None]
+
+
+def torch_fidelity_input(images):
+    """uint8 images [B, 1 or 3, H, W] prepared for InceptionV3.trunk as torch-fidelity does: gray
+    repeated to RGB (its image loader's PIL convert("RGB")), float32, resize_bilinear_tf1 to 299x299
+    (the identity at 299x299), then (x - 128) / 128 (so 0 -> -1, 128 -> 0, 255 -> 127/128)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"torch-fidelity's preparation starts from uint8 images, not {images.dtype}")
+    x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+    return (resize_bilinear_tf1(x.float(), (299, 299)) - 128) / 128
 
 
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -398,7 +447,7 @@ class MetricsError(Exception):
 def get_classifier(name, splits, data_dir, device="cpu", epochs=1, log=print):
     """The classifier of dataset `name`, from data_dir/cache or trained now (seeded, so
     the same on every machine up to floating point) and cached. -> (net, test accuracy)."""
-    info = splits["train"].info
+    info = splits["train"].info if "train" in splits else {}  # a .npy of images has no splits, no labels
     if info.get("kind") != "image" or splits["train"].labels is None:
         raise MetricsError(f"--features classifier needs a labelled image dataset; {name} has no labels "
                            f"(use --features inception)")
@@ -452,15 +501,32 @@ def classifier_accuracy(net, split, device="cpu"):
     return hits / len(split)
 
 
+CONVENTIONS = ("pytorch-fid", "torch-fidelity")  # how extract prepares images for InceptionV3
+
+
 @torch.no_grad()
-def extract(net, images, batch_size=100, device="cpu", desc="features"):
+def extract(net, images, batch_size=100, device="cpu", desc="features", convention="pytorch-fid"):
     """(features [N, D], logits without bias [N, K]) of images [N, C, H, W] in [-1, 1]
-    (or uint8 0..255), in batches."""
+    (or uint8 0..255), in batches.
+
+    convention, the preparation of the images (report uses each metric's reference's):
+      "pytorch-fid"     uint8 -> x / 127.5 - 1, then net(x) (InceptionV3: torch's bilinear resize
+                        to 299). FID's reference; the only preparation of the classifier.
+      "torch-fidelity"  InceptionV3 and uint8 images only: net.trunk(torch_fidelity_input(x)),
+                        TF1's bilinear resize to 299 and (x - 128) / 128. The reference of IS and KID."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, not {convention!r}")
+    fidelity = convention == "torch-fidelity"
+    if fidelity and not isinstance(net, InceptionV3):
+        raise ValueError("the torch-fidelity preparation is InceptionV3's; the classifier has one preparation")
     feats, logits = [], []
     for i in progress(range(0, len(images), batch_size), desc):
         x = torch.as_tensor(images[i:i + batch_size])
-        x = x.float().div(127.5).sub(1) if x.dtype == torch.uint8 else x.float()
-        f, _ = net(x.to(device))
+        if fidelity:
+            f, _ = net.trunk(torch_fidelity_input(x.to(device)))
+        else:
+            x = x.float().div(127.5).sub(1) if x.dtype == torch.uint8 else x.float()
+            f, _ = net(x.to(device))
         feats.append(f.double().cpu())
         fc, scale = (net.fc, 1.0) if isinstance(net, InceptionV3) else (net.head, float(net.scale))
         logits.append((f.double() * scale @ fc.weight.double().T).cpu())  # no bias: see inception_score
@@ -494,7 +560,7 @@ def load_set(spec, split, data_dir, n):
             a = np.load(spec, allow_pickle=False) if os.path.isfile(spec) else None
             if a is not None and a.ndim == 2 and a.shape[1] == 2 and a.dtype.kind == "f":
                 return torch.from_numpy(a[:n]).float(), None  # 2D points
-            return torch.from_numpy(data.npy_images(spec)[:n]), None
+            return torch.from_numpy(data.npy_images(spec)[:n].copy()), None  # a copy: the file is mapped read-only
         splits = data.load(spec, data_dir=data_dir)
     except (data.DataError, ValueError, OSError) as e:
         raise MetricsError(str(e).splitlines()[0] if str(e) else f"{spec}: cannot read it")
@@ -519,21 +585,45 @@ def report(real, fake, train_set, splits, args, name):
     if fake.shape[1:] != real.shape[1:]:
         raise MetricsError(f"fake images are {tuple(fake.shape[1:])}, real ones {tuple(real.shape[1:])}; "
                            f"they must match")
-    if args.features == "inception":
-        net, about = load_inception(args.device), "InceptionV3 (FID, pool3 2048-d)"
+    inception = args.features == "inception"
+    if inception:
+        net = load_inception(args.device)
+        about = ("InceptionV3 (FID, pool3 2048-d); images prepared as pytorch-fid does for FID, precision/recall "
+                 "and memorized %, as torch-fidelity does for IS and KID")
     else:
         net, acc = get_classifier(name, splits, args.data_dir, args.device, log=lambda m: print(m, file=sys.stderr))
         about = f"classifier trained on {name} ({100 * acc:.1f}% val accuracy, 128-d): not comparable with published FIDs"
     fr, _ = extract(net, real, args.batch_size, args.device, "real features")
     ff, lf = extract(net, fake, args.batch_size, args.device, "fake features")
+    fr_k, ff_k = fr, ff  # the features of IS and KID
+    if inception:  # a second pass, prepared as IS and KID's reference prepares images (see extract)
+        fr_k, _ = extract(net, real, args.batch_size, args.device, "real features (torch-fidelity)", "torch-fidelity")
+        ff_k, lf = extract(net, fake, args.batch_size, args.device, "fake features (torch-fidelity)", "torch-fidelity")
     rows["FID"] = fid(fr, ff)
     rows["IS"], rows["IS std"] = inception_score(lf, splits=10)
-    rows["KID"], rows["KID std"] = kid(fr, ff, subset_size=min(1000, len(fr), len(ff)))
+    rows["KID"], rows["KID std"] = kid(fr_k, ff_k, subset_size=min(1000, len(fr_k), len(ff_k)))
     rows["precision"], rows["recall"] = precision_recall(fr, ff, k=args.k)
     if train_set is not None:
         ft, _ = extract(net, train_set, args.batch_size, args.device, "train features")
         rows["memorized %"] = 100 * memorization(ff, ft)
     return rows, about
+
+
+def check_counts(counts, images, k, n):
+    """Refuse sets too small for the metrics, before any work: each set's k-th nearest
+    neighbour (itself excluded) for precision/recall needs k + 1 samples, and for images
+    the Inception Score's 10 splits need 10. counts: {what: samples compared}, which a
+    .npy (or a split) can make fewer than --n."""
+    need = max(k + 1, 10 if images else 2)
+    what, have = min(counts.items(), key=lambda kv: kv[1])
+    if have >= need:
+        return
+    why = f"precision/recall with --k {k} needs more than {k} samples in each set" + \
+        (", and the Inception Score's 10 splits at least 10" if images else "")
+    if have == n:
+        raise MetricsError(f"--n {n} is too few: {why}; the smallest --n that works is --n {need}")
+    raise MetricsError(f"{what} has {have} samples, fewer than {need}: {why}; give at least {need} "
+                       f"(and --n {need} or more)")
 
 
 def main(argv=None):
@@ -578,6 +668,8 @@ def main(argv=None):
         real, splits = load_set(name, args.against, args.data_dir, args.n)
         if splits["train"].info["kind"] == "tokens":
             raise MetricsError(f"{args.ckpt} is a text model: its bits/byte are in the run's log.jsonl")
+        check_counts({f"{name} {args.against}": len(real), "--n": args.n},
+                     splits["train"].info["kind"] == "image", args.k, args.n)
         torch.manual_seed(args.seed)
         classes = getattr(mcfg, "num_classes", 0) or 0
         kw = train.sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance,
@@ -611,6 +703,8 @@ def main(argv=None):
     else:
         real, splits = load_set(args.real, "train", args.data_dir, args.n)
         fake, _ = load_set(args.fake, "val", args.data_dir, args.n)
+        check_counts({args.real: len(real), args.fake: len(fake)},
+                     not (fake.dtype.is_floating_point and fake.shape[1:] == (2,)), args.k, args.n)
         train_set = real if fake.dim() == 4 else None
         rows, about = report(real, fake, train_set, splits or {}, args, args.real)
         what = f"{len(fake)} of {args.fake} vs {len(real)} of {args.real}"

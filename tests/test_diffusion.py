@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffusion
-from tolerances import assert_displacements_agree, assert_losses_agree, weights_at_start
+from tolerances import U32, U64, assert_displacements_agree, assert_losses_agree, weights_at_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def small(**kw):
 # one correctly rounded fp32 operation errs by at most U relative (torch's exp, log, sqrt and
 # erfc-based kernels by at most 2 U), and a bound is the sum over the operations, to first
 # order, doubled where the second-order terms are left out.
-U = 2.0 ** -24  # fp32 unit roundoff
+U = U32  # fp32 unit roundoff (tolerances.py)
 
 
 def schedule64(schedule, T):
@@ -173,13 +173,13 @@ def test_q_sample_moments(schedule):
 def test_schedules_closed_forms():
     b = diffusion.make_betas("linear", 1000)
     # float64 linspace: the ends within a few roundings of 2^-53 relative (16 of them allowed)
-    assert b.dtype == torch.float64 and b[0] == 1e-4 and abs(b[-1] - 0.02) <= 16 * 2 ** -53 * 0.02
+    assert b.dtype == torch.float64 and b[0] == 1e-4 and abs(b[-1] - 0.02) <= 16 * U64 * 0.02
     c = diffusion.make_betas("cosine", 1000)
     ab = torch.cumprod(1 - c, 0)
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
     # alpha-bar of x at paper t = 500: a float64 product of 500 factors 1 - beta = f(t+1)/f(t), each
     # within 4 roundings of 2^-53 (cos, the ratio, 1 - ratio, 1 - beta), doubled: 4000 * 2^-53
-    assert float(ab[499]) == pytest.approx(f(500) / f(0), rel=4000 * 2 ** -53)
+    assert float(ab[499]) == pytest.approx(f(500) / f(0), rel=4000 * U64)
     assert c.max() <= 0.999
 
 

@@ -122,6 +122,44 @@ def test_bf16_path_trains(tmp_path, corpus):
     assert log[30] < log[1] - 0.5, log
 
 
+def test_dtype_auto_takes_the_faster_and_a_resumed_run_keeps_it(tmp_path, corpus, monkeypatch):
+    """On a CPU with bf16 units --dtype auto races fp32 against bf16 on the model and keeps
+    the faster; the checkpoint records the choice and a resumed run keeps it, whatever a
+    new race would say. (The race's timings are stubbed: which dtype is faster is this
+    machine's business, bench.py's to show.)"""
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    flags = [*args(tmp_path, corpus, "auto", "--max-iters", "2", "--eval-interval", "2")]
+    flags[flags.index("--dtype") + 1] = "auto"
+    seen = []
+    monkeypatch.setattr(train, "race_dtypes", lambda *a: seen.append(a) or {"fp32": 2.0, "bf16": 1.0})
+    assert train.main(flags) == 0 and len(seen) == 1
+    assert torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "bf16"
+    monkeypatch.setattr(train, "race_dtypes", lambda *a: seen.append(a) or {"fp32": 1.0, "bf16": 2.0})
+    assert train.main([*flags, "--max-iters", "3", "--resume"]) == 0 and len(seen) == 1  # no new race
+    assert torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "bf16"
+    assert train.main([*flags, "--out-dir", str(tmp_path / "auto2")]) == 0 and len(seen) == 2  # a new run races
+    assert torch.load(tmp_path / "auto2" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "fp32"
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)  # emulated bf16: fp32, no race
+    assert train.pick_dtype("auto", torch.device("cpu"), race=lambda: pytest.fail("raced")) == torch.float32
+
+
+def test_the_dtype_race_leaves_the_run_untouched(corpus, tmp_path):
+    """race_dtypes times a copy: the model's weights and gradients, the global RNG and the
+    training data stream are as they were, so a run that raced equals one that did not."""
+    import data
+    import gpt
+    torch.manual_seed(0)
+    model = gpt.Model(gpt.Config(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256, dropout=0.1))
+    split = data.load(corpus, data_dir=str(tmp_path / "data"), block_size=32)["train"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    took = train.race_dtypes(model, split, 4, torch.device("cpu"), seed=1)
+    assert took.keys() == {"fp32", "bf16"} and all(0 < t < float("inf") for t in took.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 def test_sigterm_saves_and_resume_continues(tmp_path, corpus):
     a = args(tmp_path, corpus, "sig", "--max-iters", "100000", "--eval-interval", "100000", "--batch-size", "4")
     p = subprocess.Popen([sys.executable, "train.py", *a], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,15 +4,28 @@ given the same (random) weights: not a test (it needs other projects' code), a t
 Ref A: pytorch-fid 0.3.0 (fid_inception_v3 and its InceptionV3 wrapper) on torchvision
        0.29.1's own models/inception.py (only its weights-enum/registry imports stubbed).
 Ref B: torch-fidelity 0.4.0's feature_extractor_inceptionv3.py (pure torch; the package
-       __init__ is bypassed).
+       __init__ is bypassed), with its interpolate_compat_tensorflow.py.
+
+Each of metrics.py's two image preparations is held to the reference that uses it, on uint8
+images of 28x28, 32x32 (and 299x299), through metrics.extract as report() calls it:
+  extract(convention="pytorch-fid")    (FID, precision/recall, memorization) vs Ref A on u8 / 255
+                                       (what its ToTensor loader gives): torch's bilinear, 2x - 1;
+  extract(convention="torch-fidelity") (IS, KID) vs Ref B's FeatureExtractorInceptionV3 on the same
+                                       uint8: its TF1 bilinear resize, then (x - 128) / 128;
+and resize_bilinear_tf1 alone vs Ref B's interpolate_bilinear_2d_like_tensorflow1x (6 size pairs).
 
 Get the sources without installing anything (PyPI only):
     pip download --no-deps -d /tmp/pkgs pytorch-fid==0.3.0 torch-fidelity==0.4.0 torchvision==0.29.1
     cd /tmp/pkgs && unzip -q -o pytorch_fid-*.whl -d src && unzip -q -o torch_fidelity-*.whl -d src \
         && unzip -q -o torchvision-*.whl 'torchvision/models/inception.py' -d tv
-Then, from the repository root: python tools/verify_inception.py   (CPU, about a minute)
-Last run: every max|diff| 0 at 299x299 (1.6e-6 at 64x64, from resizing in [0,1] vs [-1,1]);
-the two mutants (torchvision's pooling) differ by 0.3 and 2.0.
+Then, from the repository root: python tools/verify_inception.py   (CPU, about 30 s on 2 cores)
+Last run (torch 2.13 CPU): pytorch-fid path: max|diff| 0 at 299x299; pool3 9.5e-7 at 64x64, 7.2e-7
+at 28x28, 1.2e-6 at 32x32 (rounding: resizing in [0,1] then 2x-1 vs in [-1,1]; max|pool3| ~3.5).
+torch-fidelity path: the resize bit-exact (0) on all 6 size pairs; pool3 0 (bit-exact) at 28x28,
+32x32, 299x299 and for 1-channel input; logits_unbiased 4.5e-7, 5.2e-7, 7.5e-7 (ours are formed in
+float64, its in float32: 2048-term dot products, 2048 * 2^-24 * ~1 ~ 1e-4 bound). Mutants at 28x28
+vs torch-fidelity: torch's half-pixel resize 5.5e-2, x/127.5-1 9.7e-3, the pytorch-fid path 6.0e-2;
+torchvision's pooling (count_include_pad, Mixed_7c avg) 0.34 and 2.0.
 """
 import importlib.util
 import os
@@ -136,6 +149,15 @@ with torch.no_grad():
     p_ours, l_ours = net(x)
     report.append(("pytorch-fid 299x299 pool3", (p_ours - ref_pool3(u)[0].flatten(1)).abs().max(), p_ours))
     report.append(("pytorch-fid 299x299 logits", (l_ours - ref_full(x)).abs().max(), l_ours))
+    # (2b) the path report() takes for FID: uint8 images through extract(convention="pytorch-fid"),
+    # vs pytorch-fid on what its loader makes of them (ToTensor: u8 / 255), at non-299 sizes.
+    for s in (28, 32):
+        u8 = torch.randint(0, 256, (3, 3, s, s), dtype=torch.uint8)
+        f_ours, lu_ours = ours.extract(net, u8, batch_size=3, desc="ours", convention="pytorch-fid")
+        p_ref = ref_pool3(u8.float() / 255)[0].flatten(1).double()
+        report.append((f"pytorch-fid {s}x{s} uint8 via extract: pool3", (f_ours - p_ref).abs().max(), p_ref))
+        lu_ref = p_ref @ sd["fc.weight"].double().T
+        report.append((f"pytorch-fid {s}x{s} uint8 via extract: logits - bias", (lu_ours - lu_ref).abs().max(), lu_ref))
     # (3) one-channel input == the same channel repeated 3x.
     g1 = x[:, :1]
     p1, l1 = net(g1)
@@ -160,8 +182,47 @@ with torch.no_grad():
     report.append(("torch-fidelity 299x299 logits", (l_ours - l_b).abs().max(), l_b))
     report.append(("torch-fidelity logits_unbiased + fc.bias vs ours", (l_ours - (lu_b + sd["fc.bias"])).abs().max(), l_b))
 
+# ---- The torch-fidelity preparation (IS and KID): ours vs torch-fidelity, resize included -----------------
+tf_interp = importlib.import_module("torch_fidelity.interpolate_compat_tensorflow")
+with torch.no_grad():
+    # (4) the resize alone, against torch-fidelity's interpolate_bilinear_2d_like_tensorflow1x (its 'slow',
+    # the method its extractor uses), up and down, square and not, on uint8 values as in its extractor.
+    worst = 0.0
+    for (h, w), out in [((28, 28), (299, 299)), ((32, 32), (299, 299)), ((299, 299), (299, 299)),
+                        ((3, 5), (7, 4)), ((500, 400), (299, 299)), ((64, 17), (299, 299))]:
+        xf = torch.randint(0, 256, (2, 3, h, w)).float()
+        d = ours.resize_bilinear_tf1(xf, out) - tf_interp.interpolate_bilinear_2d_like_tensorflow1x(
+            xf, size=out, align_corners=False)
+        worst = max(worst, d.abs().max().item())
+    report.append(("resize_bilinear_tf1 vs torch-fidelity's, 6 size pairs", torch.tensor(worst), torch.tensor(255.0)))
+    # (5) the whole path report() takes for IS and KID: uint8 through extract(convention="torch-fidelity")
+    # vs torch-fidelity's FeatureExtractorInceptionV3 (its TF1 resize and (x-128)/128 inside) on the same
+    # uint8 images, at non-299 sizes and at 299 (its resize the identity there).
+    fidelity = {}
+    for s in (28, 32, 299):
+        u8 = torch.randint(0, 256, (3, 3, s, s), dtype=torch.uint8)
+        p_b, lu_b, l_b = fid_b(u8)
+        f_ours, lu_ours = ours.extract(net, u8, batch_size=3, desc="ours", convention="torch-fidelity")
+        report.append((f"torch-fidelity {s}x{s} via extract: pool3 ('2048')", (f_ours - p_b).abs().max(), p_b))
+        report.append((f"torch-fidelity {s}x{s} via extract: logits_unbiased", (lu_ours - lu_b).abs().max(), lu_b))
+        fidelity[s] = u8, p_b
+    # (6) gray: ours on 1 channel vs torch-fidelity on it repeated to RGB (its loader's convert("RGB")).
+    u8 = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    p_b = fid_b(u8.repeat(1, 3, 1, 1))[0]
+    f_ours, _ = ours.extract(net, u8, batch_size=2, desc="ours", convention="torch-fidelity")
+    report.append(("torch-fidelity 28x28 1-channel via extract: pool3", (f_ours - p_b).abs().max(), p_b))
+    # Sensitivity of (5) at 28x28: the other convention's pieces must show large differences.
+    u8, p_b = fidelity[28]
+    x = F.interpolate(u8.float(), size=(299, 299), mode="bilinear", align_corners=False)
+    report.append(("MUTANT torch half-pixel resize, (x-128)/128", (net.trunk((x - 128) / 128)[0] - p_b).abs().max(), p_b))
+    x = ours.resize_bilinear_tf1(u8.float(), (299, 299))
+    report.append(("MUTANT TF1 resize, x/127.5-1", (net.trunk(x / 127.5 - 1)[0] - p_b).abs().max(), p_b))
+    report.append(("MUTANT pytorch-fid path (extract default)",
+                   (ours.extract(net, u8, batch_size=3, desc="ours")[0] - p_b).abs().max(), p_b))
+
 # Sensitivity: the same comparison with the FID-specific quirks undone must show large differences.
 with torch.no_grad():
+    u8, p_b = fidelity[299]
     x = (u8.float() - 128) / 128
     tf_pool = ours._avg_pool_tf
     ours._avg_pool_tf = lambda t: F.avg_pool2d(t, 3, 1, 1)          # torchvision: count_include_pad=True

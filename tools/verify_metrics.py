@@ -12,6 +12,9 @@ random feature arrays: not a test (it needs other projects' code), a tool.
   frechet_distance(mu1, s1, mu2, s2)  vs pytorch-fid 0.3.0 fid_score.calculate_frechet_distance (scipy
                                          sqrtm) and torch-fidelity metric_fid.fid_statistics_to_metric
                                          (eigenvalues of S1 S2), at D=256 and D=2048, N=3000
+The features these metrics are given with --features inception (FID's prepared as pytorch-fid
+prepares images, IS's and KID's as torch-fidelity does) are held to those references by
+tools/verify_inception.py; here both sides get the same arrays.
 Only the references' computation functions run: their package __init__ files are bypassed and the
 modules they import for image loading and feature extraction (torchvision, PIL, tqdm,
 torch_fidelity.utils, pytorch_fid.inception) are replaced by empty stubs.
