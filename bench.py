@@ -2,7 +2,7 @@
 Benchmarks: measured on this machine, in this process, each beside its baseline.
 
     python bench.py                                   # all of the below, one table
-    python bench.py train [--models gpt:small,diffusion:tiny] [--compare fp32,bf16 | eager,compile]
+    python bench.py train [--models gpt:small,diffusion:tiny] [--compare fp32,bf16[,auto] | eager,compile]
     python bench.py sample                            # KV cache on/off; diffusion full-T vs DDIM-50
     python bench.py optim                             # optim.AdamW vs torch.optim.AdamW(foreach=True)
     python bench.py frechet [--dim 2048]              # our Frechet distance vs scipy's sqrtm route
@@ -173,7 +173,6 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
             "--out-dir", out, "--overwrite"]
     module, tcfg, mcfg, given = train.parse_args(base)
     device = train.pick_device(tcfg.device, 0)
-    dtype = train.pick_dtype(tcfg.dtype, device)
     why = compiled and train.compile_unavailable(device)
     if why:  # train.py would fall back to eager, and the row would not be what it says
         raise train.UsageError(f"--compare eager,compile: {why}")
@@ -183,7 +182,6 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
             quiet_train(base + ["--max-iters", str(n)], out)
         counted.append(counter.get_total_flops())
     flops = counted[1] - counted[0]
-    peak, size = matmul_peak(device, dtype)  # before the memory peak is reset: its matrices are not the run's
     if compiled:  # a fresh compile cache, so earlier rows cannot use up its entries
         torch._dynamo.reset()
     gc.collect()  # what earlier rows left behind is not this row's memory
@@ -197,6 +195,9 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
     if line is None:
         raise train.UsageError(f"{spec}: train.py stopped before step {2 * steps} "
                                f"(a --max-time or --max-iters among the extra flags?)")
+    # the dtype the run trained in (--dtype auto's choice), and the peak of a matmul in it
+    dtype = train.DTYPES[torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["dtype"]]
+    peak, size = matmul_peak(device, dtype)
     final = [r for r in log if any(k.startswith("val_loss") for k in r)][-1]
     rate_key = next(k for k in line if k.endswith("_per_s"))
     per_s = line[rate_key]
@@ -206,7 +207,8 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
     step_s = per_step / examples
     val = [v for k, v in final.items() if k.startswith("val_loss")][-1]  # a GAN: the last player's
     return dict(what="train", model=spec, side=f"{str(dtype).removeprefix('torch.')} "
-                                              f"{'compile' if compiled else 'eager'}",
+                                              f"{'compile' if compiled else 'eager'}"
+                                              f"{' (auto)' if dtype_name == 'auto' else ''}",
                 device=machine(device), step_s=step_s, examples_per_s=examples,
                 tokens_per_s=per_s if tokens else None, gflop_per_step=flops / 1e9,
                 achieved_gflops=flops / step_s / 1e9, peak_gflops=peak / 1e9, peak_matmul_n=size,
@@ -360,11 +362,19 @@ def print_table(rows):
         widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
         for line in (head, *body):
             print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
-        for a, b in zip(train_rows, train_rows[1:]):  # each compared pair, as a ratio
-            if a["model"] == b["model"]:
+        for model in dict.fromkeys(r["model"] for r in train_rows):  # each side against the first, as a ratio
+            group = [r for r in train_rows if r["model"] == model]
+            a = group[0]
+            for b in group[1:]:
                 print(f"{a['model']}: {b['side']} / {a['side']} = {b['examples_per_s'] / a['examples_per_s']:.2f}x "
                       f"throughput; val loss after {b['steps']} steps {b['val_loss']:.4f} vs "
                       f"{a['val_loss']:.4f} ({(b['val_loss'] - a['val_loss']) / abs(a['val_loss'] or 1):+.2%})")
+            auto = [r for r in group if r["side"].endswith("(auto)")]
+            fixed = [r for r in group if not r["side"].endswith("(auto)")]
+            if auto and fixed:  # --dtype auto against the faster of the fixed dtypes
+                best = max(fixed, key=lambda r: r["examples_per_s"])
+                print(f"{model}: {auto[0]['side']} / the faster, {best['side']} = "
+                      f"{auto[0]['examples_per_s'] / best['examples_per_s']:.2f}x throughput")
     for r in rows:
         if r["what"] == "sample":
             extra = f", tokens identical: {r['identical']}" if "identical" in r else ""
@@ -387,8 +397,8 @@ def main(argv=None):
     p.add_argument("--models", default=DEFAULT_MODELS,
                    help="train: model:preset pairs, comma-separated (default: %(default)s)")
     p.add_argument("--compare", default="",
-                   help="train: two sides run in this process, fp32,bf16 (dtypes) or eager,compile "
-                        "(default: the auto dtype, eager)")
+                   help="train: sides run in this process, dtypes (fp32,bf16 or fp32,bf16,auto: auto shows "
+                        "what --dtype auto chose) or eager,compile (default: the auto dtype, eager)")
     p.add_argument("--steps", type=int, default=5,
                    help="train: timed steps per row, after as many untimed (default: %(default)s; at least 3 "
                         "with compile, whose first steps compile)")
@@ -408,10 +418,10 @@ def main(argv=None):
         names = args.compare.split(",")
         if names == ["eager", "compile"]:
             sides = [("auto", False), ("auto", True)]
-        elif len(names) == 2 and all(n in ("fp32", "bf16", "fp16") for n in names):
+        elif len(names) in (2, 3) and all(n in ("fp32", "bf16", "fp16", "auto") for n in names):
             sides = [(n, False) for n in names]
         else:
-            p.error(f"--compare {args.compare}: use two dtypes (fp32,bf16) or eager,compile")
+            p.error(f"--compare {args.compare}: use dtypes (fp32,bf16 or fp32,bf16,auto) or eager,compile")
     try:
         device = train.pick_device(args.device, 0)
         rows = []

@@ -71,7 +71,7 @@ class TrainConfig:
     skip_nonfinite: bool = False    # skip a player's update whose loss or gradient is not finite, counted in the log, rather than stop (one device sync per player and step)
     ema: float = 0.0                # keep an exponential moving average of the weights with this decay (0: off); sampling, evaluation and metrics use it
     device: str = "auto"            # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"             # auto, bf16, fp16, fp32 (auto: bf16 where supported, else fp32)
+    dtype: str = "auto"             # auto, bf16, fp16, fp32 (auto: bf16 on CUDA; on a CPU with bf16 units, the faster for this model, timed at the start; else fp32)
     compile: bool = False           # torch.compile the model
     seed: int = 1337                # seeds model init, data order and sampling
     eval_interval: int = 250        # evaluate, sample and checkpoint every this many steps
@@ -222,22 +222,64 @@ def pick_device(name, local_rank):
     return device
 
 
-def pick_dtype(name, device):
-    # bf16 pays on a GPU and on CPUs with bf16 matrix units (AMX, AVX512-BF16). Elsewhere
-    # the CPU emulates it and a bf16 matmul runs ~100x slower than fp32 (measured on an
-    # AVX2-only EPYC), so auto picks fp32 there.
-    cpu_bf16 = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), as oneDNN sees it."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pick_dtype(name, device, race=None):
+    """--dtype as a torch dtype. auto: bf16 on CUDA (fp16 where the card has no bf16). On a
+    CPU with bf16 matrix units (AMX, AVX512-BF16) bf16 may or may not pay: it does for
+    wide matmuls, not where casts and small kernels dominate (GPT tiny ran 0.83x of fp32
+    on an AVX512-BF16 EPYC, GPT small 1.96x), so auto takes race()'s answer, the faster
+    of the two for this model here, when a race is given (train.py), else bf16. Other
+    CPUs emulate bf16, ~100x slower than fp32 (an AVX2-only EPYC): auto is fp32 there."""
+    cpu_bf16 = device.type == "cpu" and cpu_has_bf16()
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif cpu_bf16:
+            name = race() if race is not None else "bf16"
         else:
-            name = "bf16" if cpu_bf16 else "fp32"
+            name = "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UsageError("--dtype fp16 needs CUDA (its GradScaler); use bf16 or fp32 here")
     if name == "bf16" and device.type == "cpu" and not cpu_bf16:
         print("warning: this CPU has no bf16 matrix units (AMX or AVX512-BF16); bf16 runs emulated and "
               "far slower than fp32 here", file=sys.stderr)
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return DTYPES[name]
+
+
+def race_dtypes(model, split, batch_size, device, seed):
+    """{"fp32": seconds, "bf16": seconds} of one forward and backward of every player on one
+    micro-batch, timed on a copy of the model, so the run's weights, gradients, noise and
+    data stream are untouched: best of three tries each, alternating, after one untimed
+    try of each (one try each when a try takes over a second: the difference that matters
+    is then large against the timer's noise)."""
+    trial = copy.deepcopy(model).train()
+    x, y = split.batch(batch_size, torch.Generator().manual_seed(seed))
+    x, y = x.to(device), None if y is None else y.to(device)
+    best, tries = {"fp32": math.inf, "bf16": math.inf}, 3
+    with torch.random.fork_rng(devices=[]):
+        for attempt in range(1 + tries):
+            for name in best:
+                t = time.perf_counter()
+                for player in dict.fromkeys(trial.players):
+                    with autocast(device, DTYPES[name]):
+                        loss, _ = trial(x, y, player=player)
+                    loss.float().backward()
+                    trial.zero_grad(set_to_none=True)
+                took = time.perf_counter() - t
+                if attempt == 0:
+                    tries = 1 if took > 1.0 else tries
+                else:
+                    best[name] = min(best[name], took)
+            if attempt >= tries:
+                break
+    return best
 
 
 def autocast(device, dtype):
@@ -435,6 +477,26 @@ def make_optimizers(model, tcfg):
     return optimizers
 
 
+def run_dtype(tcfg, ckpt, model, split, device, ddp, say):
+    """The run's dtype. --dtype auto on a CPU with bf16 units races fp32 against bf16 on
+    this model (race_dtypes) and keeps the faster; every process takes rank 0's answer,
+    and a resumed run the checkpoint's, so a run never changes its arithmetic midway."""
+    if tcfg.dtype == "auto" and ckpt is not None and ckpt["config"].get("dtype") in DTYPES:
+        return pick_dtype(ckpt["config"]["dtype"], device)
+
+    def race():
+        took = race_dtypes(model, split, tcfg.batch_size, device, tcfg.seed)
+        name = min(took, key=took.get)
+        if ddp:  # the processes timed alike, but must agree exactly
+            choice = torch.tensor([name == "bf16"], dtype=torch.int32)
+            dist.broadcast(choice, 0)
+            name = "bf16" if choice.item() else "fp32"
+        say(f"--dtype auto: {name}, the faster here for this model (a micro-batch's forward and backward: "
+            f"fp32 {1e3 * took['fp32']:.1f} ms, bf16 {1e3 * took['bf16']:.1f} ms)")
+        return name
+    return pick_dtype(tcfg.dtype, device, race)
+
+
 def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     master = rank == 0
     out_dir = tcfg.out_dir or os.path.join("out", os.path.splitext(os.path.basename(tcfg.model))[0])
@@ -504,10 +566,10 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         raise UsageError(f"--batch-size {tcfg.batch_size}: this model takes micro-batches in multiples "
                          f"of {multiple}; pick a multiple of {multiple}")
     model.to(device)
+    dtype = run_dtype(tcfg, ckpt, model, splits["train"], device, ddp, say)
     # The average starts as the initial weights; its decay ramps up as min(ema, (1+step)/(10+step)),
     # so a short run is not dominated by its random start.
     ema = copy.deepcopy(model).requires_grad_(False).eval() if tcfg.ema > 0 else None
-    dtype = pick_dtype(tcfg.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     optimizers = make_optimizers(model, tcfg)
@@ -566,6 +628,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
 
     conf = dict(model=os.path.splitext(os.path.basename(tcfg.model))[0],
                 model_path=os.path.abspath(tcfg.model) if tcfg.model.endswith(".py") else "",
+                dtype=next(n for n, d in DTYPES.items() if d == dtype),  # what --dtype auto chose
                 model_config=dataclasses.asdict(mcfg), train_config=dataclasses.asdict(tcfg),
                 data=dict(name=dataset, **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}))
     n_params = sum(p.numel() for p in raw.parameters())
