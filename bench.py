@@ -173,6 +173,10 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
             "--out-dir", out, "--overwrite"]
     module, tcfg, mcfg, given = train.parse_args(base)
     device = train.pick_device(tcfg.device, 0)
+    if dtype_name == "auto":  # what --dtype auto chooses (its race, in a 1-step run), then that for every run
+        quiet_train(base + ["--max-iters", "1"], out)
+        chosen = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["dtype"]
+        base[base.index("--dtype") + 1] = chosen
     why = compiled and train.compile_unavailable(device)
     if why:  # train.py would fall back to eager, and the row would not be what it says
         raise train.UsageError(f"--compare eager,compile: {why}")
@@ -195,8 +199,7 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
     if line is None:
         raise train.UsageError(f"{spec}: train.py stopped before step {2 * steps} "
                                f"(a --max-time or --max-iters among the extra flags?)")
-    # the dtype the run trained in (--dtype auto's choice), and the peak of a matmul in it
-    dtype = train.DTYPES[torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["dtype"]]
+    dtype = train.pick_dtype(base[base.index("--dtype") + 1], device)
     peak, size = matmul_peak(device, dtype)
     final = [r for r in log if any(k.startswith("val_loss") for k in r)][-1]
     rate_key = next(k for k in line if k.endswith("_per_s"))

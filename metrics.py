@@ -626,8 +626,8 @@ def check_counts(counts, images, k, n):
                        f"(and --n {need} or more)")
 
 
-def main(argv=None):
-    import train  # for the checkpoint and flag helpers; model files never import this
+def parse_args(argv):
+    import train  # for the flag helpers; model files never import this
     p = train.Parser(prog="metrics.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--ckpt", default="", help="checkpoint to sample and evaluate (EMA weights where present)")
     p.add_argument("--real", default="", help="dataset name or .npy of real images (its train split)")
@@ -656,58 +656,80 @@ def main(argv=None):
         raise MetricsError("--n must be at least 2, --k, --iwae-k and --batch-size positive, --nll-n not negative")
     if args.temperature is not None and not args.temperature > 0:
         raise MetricsError("--temperature must be positive")
-    device = train.pick_device(args.device, 0)
-    args.device, args.data_dir = device, args.data_dir or ("" if args.ckpt else "data")
+    args.device, args.data_dir = train.pick_device(args.device, 0), args.data_dir or ("" if args.ckpt else "data")
+    return args
 
-    if args.ckpt:
-        ckpt = train.load_checkpoint(args.ckpt)
-        module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device, args.ckpt)
-        model.eval()
-        name = ckpt["config"]["data"]["name"]
-        args.data_dir = args.data_dir or tcfg.data_dir
-        real, splits = load_set(name, args.against, args.data_dir, args.n)
-        if splits["train"].info["kind"] == "tokens":
-            raise MetricsError(f"{args.ckpt} is a text model: its bits/byte are in the run's log.jsonl")
-        check_counts({f"{name} {args.against}": len(real), "--n": args.n},
-                     splits["train"].info["kind"] == "image", args.k, args.n)
-        torch.manual_seed(args.seed)
-        classes = getattr(mcfg, "num_classes", 0) or 0
-        kw = train.sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance,
-                                  temperature=args.temperature)
-        fake = []
-        with torch.no_grad():
-            for i in progress(range(0, args.n, args.batch_size), "sampling"):
-                b = min(args.batch_size, args.n - i)
-                y = (torch.arange(i, i + b, device=device) % classes) if classes else None
-                try:
-                    fake.append(model.sample(b, y=y, **kw).float().cpu())
-                except ValueError as e:
-                    raise MetricsError(str(e))
-        fake = torch.cat(fake)
-        if fake.dim() == 4:
-            fake = data.to_uint8(fake)  # what a sample saved as an image would be
-        train_set = real if args.against == "train" else load_set(name, "train", args.data_dir, args.n)[0]
-        rows, about = report(real, fake, train_set, splits, args, name)
-        if hasattr(model, "nll") and splits["val"].info["kind"] == "image" and args.nll_n:
-            x = splits["val"].images[:args.nll_n].float().div(127.5).sub(1).to(device)
-            iwae = "k" in inspect.signature(model.nll).parameters
-            nll_kw = {"k": args.iwae_k} if iwae else {}
-            with torch.no_grad():
-                nll = torch.cat([model.nll(x[i:i + args.batch_size], **nll_kw).cpu() for i in
-                                 progress(range(0, len(x), args.batch_size), "bits/dim")])
-            bound = f", IWAE k={args.iwae_k}" if iwae else ""
-            rows[f"bits/dim ({len(x)} val images{bound})"] = bits_per_dim(nll, x[0].numel())
-        sampler = ", ".join(f"{k} {v}" for k, v in kw.items())
-        what = f"{args.n} samples of {args.ckpt}{f' ({sampler})' if sampler else ''} vs {len(real)} of {name} {args.against}"
-        args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or ".", f"metrics-{args.features}.json")
-    else:
-        real, splits = load_set(args.real, "train", args.data_dir, args.n)
-        fake, _ = load_set(args.fake, "val", args.data_dir, args.n)
-        check_counts({args.real: len(real), args.fake: len(fake)},
-                     not (fake.dtype.is_floating_point and fake.shape[1:] == (2,)), args.k, args.n)
-        train_set = real if fake.dim() == 4 else None
-        rows, about = report(real, fake, train_set, splits or {}, args, args.real)
-        what = f"{len(fake)} of {args.fake} vs {len(real)} of {args.real}"
+
+def draw(model, n, classes, kw, args):
+    """n samples of a model (labels cycling through the classes, if it has them), on the
+    CPU; images as uint8, what a sample saved as an image would be."""
+    fake = []
+    with torch.no_grad():
+        for i in progress(range(0, n, args.batch_size), "sampling"):
+            b = min(args.batch_size, n - i)
+            y = (torch.arange(i, i + b, device=args.device) % classes) if classes else None
+            try:
+                fake.append(model.sample(b, y=y, **kw).float().cpu())
+            except ValueError as e:
+                raise MetricsError(str(e))
+    fake = torch.cat(fake)
+    return data.to_uint8(fake) if fake.dim() == 4 else fake
+
+
+def bits_per_dim_row(model, val, args):
+    """{label: bits/dim} of the model's nll on the first --nll-n val images (the IWAE
+    bound with --iwae-k samples where nll takes k)."""
+    x = val.images[:args.nll_n].float().div(127.5).sub(1).to(args.device)
+    iwae = "k" in inspect.signature(model.nll).parameters
+    with torch.no_grad():
+        nll = torch.cat([model.nll(x[i:i + args.batch_size], **({"k": args.iwae_k} if iwae else {})).cpu()
+                         for i in progress(range(0, len(x), args.batch_size), "bits/dim")])
+    bound = f", IWAE k={args.iwae_k}" if iwae else ""
+    return {f"bits/dim ({len(x)} val images{bound})": bits_per_dim(nll, x[0].numel())}
+
+
+def evaluate_checkpoint(args):
+    """(rows, features line, what was compared) for --ckpt: samples of the model against
+    its dataset's --against split, and bits/dim where the model has nll."""
+    import train  # checkpoint helpers
+    ckpt = train.load_checkpoint(args.ckpt)
+    module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, args.device, args.ckpt)
+    model.eval()
+    name = ckpt["config"]["data"]["name"]
+    args.data_dir = args.data_dir or tcfg.data_dir
+    real, splits = load_set(name, args.against, args.data_dir, args.n)
+    if splits["train"].info["kind"] == "tokens":
+        raise MetricsError(f"{args.ckpt} is a text model: its bits/byte are in the run's log.jsonl")
+    check_counts({f"{name} {args.against}": len(real), "--n": args.n},
+                 splits["train"].info["kind"] == "image", args.k, args.n)
+    torch.manual_seed(args.seed)
+    kw = train.sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance,
+                              temperature=args.temperature)
+    fake = draw(model, args.n, getattr(mcfg, "num_classes", 0) or 0, kw, args)
+    train_set = real if args.against == "train" else load_set(name, "train", args.data_dir, args.n)[0]
+    rows, about = report(real, fake, train_set, splits, args, name)
+    if hasattr(model, "nll") and splits["val"].info["kind"] == "image" and args.nll_n:
+        rows.update(bits_per_dim_row(model, splits["val"], args))
+    sampler = ", ".join(f"{k} {v}" for k, v in kw.items())
+    what = f"{args.n} samples of {args.ckpt}{f' ({sampler})' if sampler else ''} vs {len(real)} of {name} {args.against}"
+    args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or ".", f"metrics-{args.features}.json")
+    return rows, about, what
+
+
+def compare_sets(args):
+    """(rows, features line, what was compared) for --real and --fake."""
+    real, splits = load_set(args.real, "train", args.data_dir, args.n)
+    fake, _ = load_set(args.fake, "val", args.data_dir, args.n)
+    check_counts({args.real: len(real), args.fake: len(fake)},
+                 not (fake.dtype.is_floating_point and fake.shape[1:] == (2,)), args.k, args.n)
+    train_set = real if fake.dim() == 4 else None
+    rows, about = report(real, fake, train_set, splits or {}, args, args.real)
+    return rows, about, f"{len(fake)} of {args.fake} vs {len(real)} of {args.real}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows, about, what = evaluate_checkpoint(args) if args.ckpt else compare_sets(args)
     print(f"{what}\nfeatures: {about}")
     for key, v in rows.items():
         print(f"  {key:<28} {v:.4f}" if isinstance(v, float) else f"  {key:<28} {v}")

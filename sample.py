@@ -39,7 +39,8 @@ def main(argv=None):
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (slower, same tokens)")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="(default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: the dtype the run trained in, where this device computes it natively (default: %(default)s)")
     args = p.parse_args(argv)
     if args.num_samples < 0 or args.max_new_tokens < 0 or args.temperature is not None and not args.temperature >= 0:
         raise train.UsageError("--num-samples must be positive, --max-new-tokens and --temperature not negative")
@@ -47,8 +48,10 @@ def main(argv=None):
         raise train.UsageError("--top-k must be positive and --top-p in (0, 1]")
 
     device = train.pick_device(args.device, 0)
-    dtype = train.pick_dtype(args.dtype, device)
     ckpt = train.load_checkpoint(args.ckpt)
+    trained = ckpt["config"].get("dtype")  # auto: the dtype the run trained in, where it is native here
+    native = args.dtype == "auto" and trained and train.native_dtype(trained, device)
+    dtype = train.pick_dtype(trained if native else args.dtype, device)
     module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device, args.ckpt)
     model.eval()
     kind = ckpt["config"]["data"].get("kind", "tokens")

@@ -230,21 +230,17 @@ def cpu_has_bf16():
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def pick_dtype(name, device, race=None):
-    """--dtype as a torch dtype. auto: bf16 on CUDA (fp16 where the card has no bf16). On a
-    CPU with bf16 matrix units (AMX, AVX512-BF16) bf16 may or may not pay: it does for
-    wide matmuls, not where casts and small kernels dominate (GPT tiny ran 0.83x of fp32
-    on an AVX512-BF16 EPYC, GPT small 1.96x), so auto takes race()'s answer, the faster
-    of the two for this model here, when a race is given (train.py), else bf16. Other
-    CPUs emulate bf16, ~100x slower than fp32 (an AVX2-only EPYC): auto is fp32 there."""
+def pick_dtype(name, device):
+    """--dtype as a torch dtype, auto resolved without timing anything: bf16 on CUDA (fp16
+    where the card has no bf16) and on a CPU with bf16 matrix units (AMX, AVX512-BF16),
+    fp32 on other CPUs, which emulate bf16 ~100x slower than fp32 (an AVX2-only EPYC).
+    train.py refines auto on a bf16 CPU by timing the model (run_dtype)."""
     cpu_bf16 = device.type == "cpu" and cpu_has_bf16()
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif cpu_bf16:
-            name = race() if race is not None else "bf16"
         else:
-            name = "fp32"
+            name = "bf16" if cpu_bf16 else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UsageError("--dtype fp16 needs CUDA (its GradScaler); use bf16 or fp32 here")
     if name == "bf16" and device.type == "cpu" and not cpu_bf16:
@@ -253,32 +249,38 @@ def pick_dtype(name, device, race=None):
     return DTYPES[name]
 
 
+def native_dtype(name, device):
+    """Whether this device computes `name` natively (not emulated, not refused)."""
+    if device.type == "cuda":
+        return name != "bf16" or torch.cuda.is_bf16_supported()
+    return name == "fp32" or name == "bf16" and device.type == "cpu" and cpu_has_bf16()
+
+
 def race_dtypes(model, split, batch_size, device, seed):
     """{"fp32": seconds, "bf16": seconds} of one forward and backward of every player on one
     micro-batch, timed on a copy of the model, so the run's weights, gradients, noise and
-    data stream are untouched: best of three tries each, alternating, after one untimed
-    try of each (one try each when a try takes over a second: the difference that matters
-    is then large against the timer's noise)."""
+    data stream are untouched: one untimed try of each, then the best of three tries each,
+    alternating (of one when a try takes over a second: a difference that matters is then
+    large against the timer's noise, and the race short against the run)."""
     trial = copy.deepcopy(model).train()
     x, y = split.batch(batch_size, torch.Generator().manual_seed(seed))
     x, y = x.to(device), None if y is None else y.to(device)
-    best, tries = {"fp32": math.inf, "bf16": math.inf}, 3
+
+    def one_try(name):
+        t = time.perf_counter()
+        for player in dict.fromkeys(trial.players):
+            with autocast(device, DTYPES[name]):
+                loss, _ = trial(x, y, player=player)
+            loss.float().backward()
+            trial.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
     with torch.random.fork_rng(devices=[]):
-        for attempt in range(1 + tries):
-            for name in best:
-                t = time.perf_counter()
-                for player in dict.fromkeys(trial.players):
-                    with autocast(device, DTYPES[name]):
-                        loss, _ = trial(x, y, player=player)
-                    loss.float().backward()
-                    trial.zero_grad(set_to_none=True)
-                took = time.perf_counter() - t
-                if attempt == 0:
-                    tries = 1 if took > 1.0 else tries
-                else:
-                    best[name] = min(best[name], took)
-            if attempt >= tries:
-                break
+        warm = {name: one_try(name) for name in ("fp32", "bf16")}
+        best = dict.fromkeys(warm, math.inf)
+        for _ in range(1 if max(warm.values()) > 1.0 else 3):
+            for name in best:  # in turn: a slow moment of the machine hits both alike
+                best[name] = min(best[name], one_try(name))
     return best
 
 
@@ -477,24 +479,33 @@ def make_optimizers(model, tcfg):
     return optimizers
 
 
-def run_dtype(tcfg, ckpt, model, split, device, ddp, say):
-    """The run's dtype. --dtype auto on a CPU with bf16 units races fp32 against bf16 on
-    this model (race_dtypes) and keeps the faster; every process takes rank 0's answer,
-    and a resumed run the checkpoint's, so a run never changes its arithmetic midway."""
-    if tcfg.dtype == "auto" and ckpt is not None and ckpt["config"].get("dtype") in DTYPES:
-        return pick_dtype(ckpt["config"]["dtype"], device)
-
-    def race():
+def run_dtype(tcfg, ckpt, model, split, device, rank, ddp, say):
+    """The run's dtype. A resumed run keeps the dtype its checkpoint trained in, where
+    this device computes it natively, so a run never changes its arithmetic midway.
+    Otherwise --dtype auto on a CPU with bf16 units races fp32 against bf16 on this
+    model (race_dtypes) on rank 0, which tells every process its answer."""
+    name = tcfg.dtype
+    if name == "auto" and ckpt is not None:
+        saved = ckpt["config"].get("dtype")
+        if saved is None:  # written before auto timed anything: auto's rule then
+            return pick_dtype("auto", device)
+        if native_dtype(saved, device):
+            return pick_dtype(saved, device)
+        say(f"--dtype auto: the checkpoint trained in {saved}, which this device does not compute "
+            f"natively; choosing again")
+    if name != "auto" or device.type != "cpu":
+        return pick_dtype(name, device)
+    name = "bf16" if cpu_has_bf16() else "fp32"
+    if rank == 0 and name == "bf16":
         took = race_dtypes(model, split, tcfg.batch_size, device, tcfg.seed)
         name = min(took, key=took.get)
-        if ddp:  # the processes timed alike, but must agree exactly
-            choice = torch.tensor([name == "bf16"], dtype=torch.int32)
-            dist.broadcast(choice, 0)
-            name = "bf16" if choice.item() else "fp32"
         say(f"--dtype auto: {name}, the faster here for this model (a micro-batch's forward and backward: "
             f"fp32 {1e3 * took['fp32']:.1f} ms, bf16 {1e3 * took['bf16']:.1f} ms)")
-        return name
-    return pick_dtype(tcfg.dtype, device, race)
+    if ddp:  # every process trains in rank 0's dtype, whatever its own CPU
+        choice = torch.tensor([name == "bf16"], dtype=torch.int32)
+        dist.broadcast(choice, 0)
+        name = "bf16" if choice.item() else "fp32"
+    return pick_dtype(name, device)
 
 
 def run(module, tcfg, mcfg, given, device, rank, world, ddp):
@@ -566,7 +577,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         raise UsageError(f"--batch-size {tcfg.batch_size}: this model takes micro-batches in multiples "
                          f"of {multiple}; pick a multiple of {multiple}")
     model.to(device)
-    dtype = run_dtype(tcfg, ckpt, model, splits["train"], device, ddp, say)
+    dtype = run_dtype(tcfg, ckpt, model, splits["train"], device, rank, ddp, say)
     # The average starts as the initial weights; its decay ramps up as min(ema, (1+step)/(10+step)),
     # so a short run is not dominated by its random start.
     ema = copy.deepcopy(model).requires_grad_(False).eval() if tcfg.ema > 0 else None

@@ -17,5 +17,6 @@ def shared_data(tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "summation_order: compares two computations that are equal in exact arithmetic but sum in "
-        "another order (micro-batches, processes, a cache); .ci/run runs these again under smaller instruction "
-        "sets (ATEN_CPU_CAPABILITY), as other CPUs would compute them")
+        "another order (micro-batches, processes, a cache, two optimizer implementations); .ci/run runs these "
+        "again under a smaller instruction set (tools/other_cpu.sh), as another CPU would compute them. (A "
+        "resumed run repeats the same arithmetic in the same order, so it is bit for bit on any CPU: not marked.)")

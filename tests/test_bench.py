@@ -52,6 +52,23 @@ def test_compare_prints_the_ratio_and_writes_json(tmp_path, capsys):
     assert len(rows) == 2 and rows[0]["val_loss"] == rows[1]["val_loss"]  # same seed, same steps: same losses
 
 
+def test_compare_with_auto_shows_the_choice_against_the_faster(tmp_path, capsys, monkeypatch):
+    """--compare fp32,bf16,auto: the auto row trains in what --dtype auto chose (here the
+    race is told bf16 is faster) and is held against the faster fixed side."""
+    import train
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(train, "race_dtypes", lambda *a: {"fp32": 2.0, "bf16": 1.0})
+    path = tmp_path / "bench.json"
+    code = bench.main(["train", "--models", "gpt", "--compare", "fp32,bf16,auto", "--steps", "1",
+                       "--json", str(path), "--", *gpt_flags(tmp_path), "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = json.load(open(path))["rows"]
+    assert [r["side"] for r in rows] == ["float32 eager", "bfloat16 eager", "bfloat16 eager (auto)"]
+    assert rows[1]["val_loss"] == rows[2]["val_loss"]  # the same dtype, seed and steps: the same run
+    assert "bfloat16 eager (auto) / the faster, " in out
+
+
 def test_bad_compare_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["train", "--compare", "fp32,int8"])

@@ -112,7 +112,6 @@ def patch_forward(monkeypatch, model, change):
 
 # ---- interruption -------------------------------------------------------------------
 
-@pytest.mark.summation_order
 @pytest.mark.parametrize("model, sig", [("gpt", signal.SIGTERM), ("vae", signal.SIGINT), ("gan", signal.SIGTERM),
                                         ("diffusion", signal.SIGINT)])
 def test_a_signal_then_resume_equals_the_uninterrupted_run(model, sig, tmp_path, corpus, shared_data, monkeypatch):
@@ -343,7 +342,11 @@ def torchrun(*argv, **kw):
 
 @pytest.mark.summation_order
 def test_two_processes_equal_one_for_the_vae(tmp_path, corpus, shared_data):
-    a = model_args("vae", tmp_path, corpus, shared_data) + ["--max-iters", "3", "--batch-size", "8"]
+    # SGD without clipping: its update is linear in the gradient, so a gradient off by
+    # any factor (a sum over processes for a mean, say, which AdamW and the clip hide)
+    # moves the weights by that factor.
+    a = model_args("vae", tmp_path, corpus, shared_data) + ["--max-iters", "3", "--batch-size", "8",
+                                                            "--optimizer", "sgd", "--grad-clip", "0"]
     assert train.main(a + ["--grad-accum", "2", "--out-dir", str(tmp_path / "one")]) == 0
     p = torchrun(*a, "--out-dir", str(tmp_path / "two"))
     try:
@@ -360,7 +363,8 @@ def test_two_processes_equal_one_for_the_vae(tmp_path, corpus, shared_data):
     for key in la[1]:
         assert_losses_agree({s: la[s][key] for s in la}, {s: lb[s][key] for s in lb}, n, key)
     one = load(str(tmp_path / "one"))
-    assert_displacements_agree(one["model"], load(str(tmp_path / "two"))["model"], weights_at_start(one), n)
+    assert_displacements_agree(one["model"], load(str(tmp_path / "two"))["model"], weights_at_start(one), n,
+                               terms=16, steps=3, adam=False)
 
 
 def test_a_dead_rank_ends_the_job_quickly_and_leaves_the_checkpoint_whole(tmp_path, corpus, shared_data):

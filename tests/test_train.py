@@ -71,10 +71,9 @@ def test_micro_batches_equal_one_big_batch(tmp_path, corpus, optimizer):
     assert_losses_agree(a, b, TINY_REDUCTION)
     ck = torch.load(tmp_path / "big" / "ckpt.pt", weights_only=True)
     assert_displacements_agree(ck["model"], params(tmp_path, "acc"), weights_at_start(ck), TINY_REDUCTION,
-                               adam=optimizer[1] == "adamw")
+                               terms=8 * 32, steps=4, adam=optimizer[1] == "adamw")
 
 
-@pytest.mark.summation_order
 def test_resume_continues_exactly(tmp_path, corpus):
     # dropout on, so the noise must continue exactly too (it is seeded by step, not restored)
     common = ["--eval-interval", "3", "--lr-decay-iters", "8", "--dropout", "0.1", "--batch-size", "4"]
@@ -92,8 +91,11 @@ def test_resume_continues_exactly(tmp_path, corpus):
 
 
 @pytest.mark.summation_order
-def test_two_processes_equal_one_process_with_accumulation(tmp_path, corpus):
-    common = ["--max-iters", "3", "--eval-interval", "3", "--batch-size", "4"]
+@pytest.mark.parametrize("optimizer", [["--optimizer", "adamw"], ["--optimizer", "sgd", "--grad-clip", "0"]],
+                         ids=["adamw", "sgd"])
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, corpus, optimizer):
+    # AdamW as trained; SGD unclipped too, as in the test above
+    common = ["--max-iters", "3", "--eval-interval", "3", "--batch-size", "4", *optimizer]
     assert train.main(args(tmp_path, corpus, "one", *common, "--grad-accum", "2")) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -106,7 +108,8 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, corpus):
     # equal in exact arithmetic: global batch 8 either way, summed in another order
     assert_losses_agree(a, b, TINY_REDUCTION)
     ck = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
-    assert_displacements_agree(ck["model"], params(tmp_path, "two"), weights_at_start(ck), TINY_REDUCTION)
+    assert_displacements_agree(ck["model"], params(tmp_path, "two"), weights_at_start(ck), TINY_REDUCTION,
+                               terms=8 * 32, steps=3, adam=optimizer[1] == "adamw")
     # evaluation, too, sees the same batches whatever the process count: a mean over one
     # global batch of 8 x 32 tokens (--eval-iters 1), its forward as in training
     evals = lambda out: {r["step"]: r["val_loss"] for r in map(json.loads, open(tmp_path / out / "log.jsonl"))
@@ -139,8 +142,48 @@ def test_dtype_auto_takes_the_faster_and_a_resumed_run_keeps_it(tmp_path, corpus
     assert torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "bf16"
     assert train.main([*flags, "--out-dir", str(tmp_path / "auto2")]) == 0 and len(seen) == 2  # a new run races
     assert torch.load(tmp_path / "auto2" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "fp32"
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)  # emulated bf16: fp32, no race
-    assert train.pick_dtype("auto", torch.device("cpu"), race=lambda: pytest.fail("raced")) == torch.float32
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)  # emulated bf16 here: fp32, no race
+    assert train.main([*flags, "--out-dir", str(tmp_path / "avx2")]) == 0 and len(seen) == 2
+    assert torch.load(tmp_path / "avx2" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "fp32"
+    # and a bf16 run resumed where bf16 is emulated chooses again rather than crawl
+    assert train.main([*flags, "--max-iters", "4", "--resume"]) == 0
+    assert torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "fp32"
+
+
+def test_every_process_takes_rank_0s_dtype(monkeypatch):
+    """Under DDP only rank 0 races; every rank, whatever its own CPU, takes part in the
+    broadcast of rank 0's answer and trains in it (no rank waits on a collective that
+    another skips)."""
+    raced, sent = [], []
+    monkeypatch.setattr(train, "race_dtypes", lambda *a: raced.append(1) or {"fp32": 2.0, "bf16": 1.0})
+
+    def broadcast(t, src):  # what rank 0 sends: bf16
+        assert src == 0
+        sent.append(int(t))
+        t.fill_(1)
+    monkeypatch.setattr(train.dist, "broadcast", broadcast)
+    cpu, tcfg = torch.device("cpu"), train.TrainConfig(dtype="auto")
+    for rank, bf16_here in ((0, True), (1, True), (1, False)):
+        monkeypatch.setattr(train, "cpu_has_bf16", lambda: bf16_here)
+        got = train.run_dtype(tcfg, None, None, None, cpu, rank, True, lambda *a: None)
+        assert got == torch.bfloat16
+    assert raced == [1] and sent == [1, 1, 0]  # rank 0 raced; each rank's own guess was overridden
+
+
+def test_a_run_that_raced_equals_one_that_did_not(tmp_path, corpus, monkeypatch):
+    """The real race runs (its answer set to fp32), then the run: the log and weights are
+    bit for bit those of a --dtype fp32 run, so racing changed nothing but the choice."""
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    real, ran = train.race_dtypes, []
+    monkeypatch.setattr(train, "race_dtypes", lambda *a: ran.append(real(*a)) or {"fp32": 1.0, "bf16": 2.0})
+    flags = args(tmp_path, corpus, "raced", "--max-iters", "3", "--eval-interval", "3", "--dropout", "0.1")
+    flags[flags.index("--dtype") + 1] = "auto"
+    assert train.main(flags) == 0 and len(ran) == 1
+    assert train.main(args(tmp_path, corpus, "plain", "--max-iters", "3", "--eval-interval", "3",
+                           "--dropout", "0.1")) == 0
+    assert losses(tmp_path, "raced") == losses(tmp_path, "plain")
+    pa, pb = params(tmp_path, "raced"), params(tmp_path, "plain")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
 def test_the_dtype_race_leaves_the_run_untouched(corpus, tmp_path):
