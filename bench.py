@@ -2,14 +2,18 @@
 Benchmarks: measured on this machine, in this process, each beside its baseline.
 
     python bench.py                                   # all of the below, one table
-    python bench.py train [--models gpt:small,diffusion:tiny] [--compare fp32,bf16[,auto] | eager,compile]
+    python bench.py train [--models gpt:small,diffusion:tiny] [--compare fp32,bf16[,auto] | eager,compile] [--rounds 3]
     python bench.py sample                            # KV cache on/off; diffusion full-T vs DDIM-50
     python bench.py optim                             # optim.AdamW vs torch.optim.AdamW(foreach=True)
     python bench.py frechet [--dim 2048]              # our Frechet distance vs scipy's sqrtm route
 
-train: train.py itself, run in this process on the preset's batch and real data: 2 x
---steps steps, the first half warming up (compile, allocator, kernel choice), the second
-half timed as one of train.py's log intervals. FLOPs per step are counted by
+train: train.py itself, run in this process on the preset's batch and real data: --steps
+steps warming up (compile, allocator, kernel choice), then --intervals log intervals of
+--steps steps each, timed by train.py, of which the row shows the fastest (a busy moment
+of the machine slows one interval, never speeds one up); with --rounds R each side runs R
+times, the sides taking turns, and keeps its fastest. Beside fixed dtypes, auto is not
+timed again: it shows which dtype train.py's race chose (and the race's timings), whose
+row it then is, held against the faster side. FLOPs per step are counted by
 torch.utils.flop_counter.FlopCounterMode, not estimated; utilisation is the achieved
 FLOP/s over the peak of a large matmul in the same dtype, measured in the same run. Peak
 memory is CUDA's allocator peak, or on a CPU the process's peak resident set (VmHWM,
@@ -158,51 +162,67 @@ def quiet_train(argv, out):
         return [json.loads(line) for line in f]
 
 
-def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
-    """One row: train.py itself, run in this process for 2 x steps steps of `spec`
-    ("model:preset"); the first `steps` warm up (compile, allocator, kernel choice), the
-    second `steps` are one log interval, whose rate and data share train.py logs. FLOPs:
-    the counted FLOPs of a 2-step run less those of a 1-step run (both evaluate and
-    sample alike), so exactly one of train.py's steps."""
-    name, _, preset = spec.partition(":")
-    out = os.path.join(workdir, "run")
+def run_flags(spec, dtype_name, extra, out):
+    """train.py's flags for a bench run of `spec` ("model:preset") into `out`."""
     if "--out-dir" in extra:
         raise train.UsageError("bench.py picks the --out-dir of its runs (a temporary folder); drop the flag")
-    base = ["--model", name, *(["--preset", preset] if preset else []), *extra, "--dtype", dtype_name,
+    name, _, preset = spec.partition(":")
+    return ["--model", name, *(["--preset", preset] if preset else []), *extra, "--dtype", dtype_name,
             "--eval-interval", str(10 ** 9), "--eval-iters", "1", "--sample-tokens", "8", "--sample-images", "4",
             "--out-dir", out, "--overwrite"]
+
+
+def resolve_auto(spec, extra=(), workdir="."):
+    """(dtype, its race's timings or None): what train.py --dtype auto trains `spec` in,
+    from a 1-step run's checkpoint."""
+    out = os.path.join(workdir, "run")
+    quiet_train(run_flags(spec, "auto", extra, out) + ["--max-iters", "1"], out)
+    conf = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
+    return conf["dtype"], conf.get("dtype_race")
+
+
+def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir=".", intervals=1, flops=None):
+    """One row: train.py itself, run in this process for (1 + intervals) x steps steps of
+    `spec` ("model:preset") in `dtype_name` (auto: what --dtype auto chooses, then that);
+    the first `steps` warm up (compile, allocator, kernel choice), then each `steps` are
+    one log interval, whose rate and data share train.py logs: the fastest interval is the
+    row's. FLOPs (unless given, from an earlier row of the same run): the counted FLOPs of
+    a 2-step run less those of a 1-step run (both evaluate and sample alike), so exactly
+    one of train.py's steps."""
+    out = os.path.join(workdir, "run")
+    chosen = resolve_auto(spec, extra, workdir)[0] if dtype_name == "auto" else dtype_name
+    base = run_flags(spec, chosen, extra, out)
     module, tcfg, mcfg, given = train.parse_args(base)
     device = train.pick_device(tcfg.device, 0)
-    if dtype_name == "auto":  # what --dtype auto chooses (its race, in a 1-step run), then that for every run
-        quiet_train(base + ["--max-iters", "1"], out)
-        chosen = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["dtype"]
-        base[base.index("--dtype") + 1] = chosen
     why = compiled and train.compile_unavailable(device)
     if why:  # train.py would fall back to eager, and the row would not be what it says
         raise train.UsageError(f"--compare eager,compile: {why}")
-    counted = []
-    for n in (1, 2):
-        with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-            quiet_train(base + ["--max-iters", str(n)], out)
-        counted.append(counter.get_total_flops())
-    flops = counted[1] - counted[0]
+    if flops is None:
+        counted = []
+        for n in (1, 2):
+            with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+                quiet_train(base + ["--max-iters", str(n)], out)
+            counted.append(counter.get_total_flops())
+        flops = counted[1] - counted[0]
     if compiled:  # a fresh compile cache, so earlier rows cannot use up its entries
         torch._dynamo.reset()
     gc.collect()  # what earlier rows left behind is not this row's memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
     reset_peak(device)
-    log = quiet_train(base + ["--max-iters", str(2 * steps), "--log-interval", str(steps),
+    total = (1 + intervals) * steps
+    log = quiet_train(base + ["--max-iters", str(total), "--log-interval", str(steps),
                               *(["--compile"] if compiled else [])], out)
     memory = peak_mib(device)
-    line = next((r for r in log if r.get("step") == 2 * steps and "lr" in r), None)
-    if line is None:
-        raise train.UsageError(f"{spec}: train.py stopped before step {2 * steps} "
+    timed_lines = [r for r in log if "lr" in r and r.get("step", 0) > steps]
+    if not any(r.get("step") == total for r in timed_lines):
+        raise train.UsageError(f"{spec}: train.py stopped before step {total} "
                                f"(a --max-time or --max-iters among the extra flags?)")
-    dtype = train.pick_dtype(base[base.index("--dtype") + 1], device)
+    rate_key = next(k for k in timed_lines[-1] if k.endswith("_per_s"))
+    line = max(timed_lines, key=lambda r: r[rate_key])
+    dtype = train.pick_dtype(chosen, device)
     peak, size = matmul_peak(device, dtype)
     final = [r for r in log if any(k.startswith("val_loss") for k in r)][-1]
-    rate_key = next(k for k in line if k.endswith("_per_s"))
     per_s = line[rate_key]
     tokens = rate_key == "tok_per_s"
     examples = per_s / mcfg.block_size if tokens else per_s
@@ -216,7 +236,34 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir="."):
                 tokens_per_s=per_s if tokens else None, gflop_per_step=flops / 1e9,
                 achieved_gflops=flops / step_s / 1e9, peak_gflops=peak / 1e9, peak_matmul_n=size,
                 utilisation=flops / step_s / peak, peak_mib=memory, data_share=line["data_share"],
-                val_loss=val, steps=2 * steps)
+                val_loss=val, steps=total, flops=flops)
+
+
+def bench_sides(spec, sides, steps, extra, workdir, args):
+    """The rows of one model: each side timed --rounds times, taking turns (a slow spell
+    of the machine then hits every side alike), its fastest round kept. Beside fixed
+    dtypes, auto is not timed again: train.py then trains exactly as with the dtype its
+    race chose, so its row is that dtype's, with the race's choice and timings."""
+    fixed = {d for d, c in sides if d != "auto"}
+    auto = resolve_auto(spec, extra, workdir) if ("auto", False) in sides and fixed else None
+    timed = [(d, c) for d, c in sides if not (d == "auto" and auto and auto[0] in fixed)]
+    best, flops = {}, {}
+    for _ in range(args.rounds):
+        for dtype_name, compiled in timed:
+            print(f"bench: {spec} {dtype_name} {'compile' if compiled else 'eager'}", file=sys.stderr)
+            row = bench_train(spec, dtype_name, compiled, steps, extra, workdir, args.intervals,
+                              flops.get((dtype_name, compiled)))
+            flops[dtype_name, compiled] = row["flops"]
+            if row["examples_per_s"] > best.get((dtype_name, compiled), {}).get("examples_per_s", 0):
+                best[dtype_name, compiled] = row
+    rows = []
+    for side in sides:
+        if side in best:
+            rows.append(dict(best[side], rounds=args.rounds))
+        else:  # auto, as the dtype it chose
+            rows.append(dict(best[auto[0], False], side=best[auto[0], False]["side"] + " (auto)",
+                             race=auto[1], rounds=args.rounds))
+    return rows
 
 
 # ---- sampling ---------------------------------------------------------------------------
@@ -368,15 +415,18 @@ def print_table(rows):
         for model in dict.fromkeys(r["model"] for r in train_rows):  # each side against the first, as a ratio
             group = [r for r in train_rows if r["model"] == model]
             a = group[0]
-            for b in group[1:]:
+            auto = [r for r in group if r["side"].endswith("(auto)")]
+            fixed = [r for r in group if not r["side"].endswith("(auto)")]
+            for b in fixed[1:]:
                 print(f"{a['model']}: {b['side']} / {a['side']} = {b['examples_per_s'] / a['examples_per_s']:.2f}x "
                       f"throughput; val loss after {b['steps']} steps {b['val_loss']:.4f} vs "
                       f"{a['val_loss']:.4f} ({(b['val_loss'] - a['val_loss']) / abs(a['val_loss'] or 1):+.2%})")
-            auto = [r for r in group if r["side"].endswith("(auto)")]
-            fixed = [r for r in group if not r["side"].endswith("(auto)")]
             if auto and fixed:  # --dtype auto against the faster of the fixed dtypes
                 best = max(fixed, key=lambda r: r["examples_per_s"])
-                print(f"{model}: {auto[0]['side']} / the faster, {best['side']} = "
+                race = auto[0].get("race")
+                why = (f" (its race, a micro-batch's forward and backward: fp32 {1e3 * race['fp32']:.1f} ms, "
+                       f"bf16 {1e3 * race['bf16']:.1f} ms)") if race else ""
+                print(f"{model}: {auto[0]['side']}{why} / the faster, {best['side']} = "
                       f"{auto[0]['examples_per_s'] / best['examples_per_s']:.2f}x throughput")
     for r in rows:
         if r["what"] == "sample":
@@ -403,8 +453,12 @@ def main(argv=None):
                    help="train: sides run in this process, dtypes (fp32,bf16 or fp32,bf16,auto: auto shows "
                         "what --dtype auto chose) or eager,compile (default: the auto dtype, eager)")
     p.add_argument("--steps", type=int, default=5,
-                   help="train: timed steps per row, after as many untimed (default: %(default)s; at least 3 "
+                   help="train: steps per timed interval, after as many untimed (default: %(default)s; at least 3 "
                         "with compile, whose first steps compile)")
+    p.add_argument("--intervals", type=int, default=3,
+                   help="train: timed intervals per run, the fastest shown (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="train: runs per side, the sides taking turns, the fastest shown (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--dim", type=int, default=2048, help="frechet: feature dimension (default: %(default)s, pool3's)")
     p.add_argument("--repeats", type=int, default=3, help="frechet: best of this many runs (default: %(default)s)")
@@ -414,8 +468,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
-    if args.dim < 2 or args.repeats < 1 or args.steps < 1:
-        p.error("--dim must be at least 2, --repeats and --steps at least 1")
+    if args.dim < 2 or min(args.repeats, args.steps, args.intervals, args.rounds) < 1:
+        p.error("--dim must be at least 2, --repeats, --steps, --intervals and --rounds at least 1")
     sides = [("auto", False)]
     if args.compare:
         names = args.compare.split(",")
@@ -432,10 +486,7 @@ def main(argv=None):
             steps = max(args.steps, 3) if any(c for _, c in sides) else args.steps  # both sides alike
             with tempfile.TemporaryDirectory() as workdir:
                 for spec in args.models.split(","):
-                    for dtype_name, compiled in sides:
-                        print(f"bench: {spec} {dtype_name} {'compile' if compiled else 'eager'}", file=sys.stderr)
-                        rows.append(bench_train(spec, dtype_name, compiled, steps,
-                                                ["--device", args.device, *extra], workdir))
+                    rows += bench_sides(spec, sides, steps, ["--device", args.device, *extra], workdir, args)
         if args.what in ("all", "sample"):
             rows += bench_sample(device, train.pick_dtype("auto", device))
         if args.what in ("all", "optim"):

@@ -480,21 +480,22 @@ def make_optimizers(model, tcfg):
 
 
 def run_dtype(tcfg, ckpt, model, split, device, rank, ddp, say):
-    """The run's dtype. A resumed run keeps the dtype its checkpoint trained in, where
-    this device computes it natively, so a run never changes its arithmetic midway.
-    Otherwise --dtype auto on a CPU with bf16 units races fp32 against bf16 on this
-    model (race_dtypes) on rank 0, which tells every process its answer."""
-    name = tcfg.dtype
+    """(the run's dtype, --dtype auto's race timings or None). A resumed run keeps the
+    dtype its checkpoint trained in, where this device computes it natively, so a run
+    never changes its arithmetic midway. Otherwise --dtype auto on a CPU with bf16 units
+    races fp32 against bf16 on this model (race_dtypes) on rank 0, which tells every
+    process its answer."""
+    name, took = tcfg.dtype, None
     if name == "auto" and ckpt is not None:
         saved = ckpt["config"].get("dtype")
         if saved is None:  # written before auto timed anything: auto's rule then
-            return pick_dtype("auto", device)
+            return pick_dtype("auto", device), None
         if native_dtype(saved, device):
-            return pick_dtype(saved, device)
+            return pick_dtype(saved, device), ckpt["config"].get("dtype_race")
         say(f"--dtype auto: the checkpoint trained in {saved}, which this device does not compute "
             f"natively; choosing again")
     if name != "auto" or device.type != "cpu":
-        return pick_dtype(name, device)
+        return pick_dtype(name, device), None
     name = "bf16" if cpu_has_bf16() else "fp32"
     if rank == 0 and name == "bf16":
         took = race_dtypes(model, split, tcfg.batch_size, device, tcfg.seed)
@@ -505,7 +506,7 @@ def run_dtype(tcfg, ckpt, model, split, device, rank, ddp, say):
         choice = torch.tensor([name == "bf16"], dtype=torch.int32)
         dist.broadcast(choice, 0)
         name = "bf16" if choice.item() else "fp32"
-    return pick_dtype(name, device)
+    return pick_dtype(name, device), took
 
 
 def run(module, tcfg, mcfg, given, device, rank, world, ddp):
@@ -577,7 +578,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         raise UsageError(f"--batch-size {tcfg.batch_size}: this model takes micro-batches in multiples "
                          f"of {multiple}; pick a multiple of {multiple}")
     model.to(device)
-    dtype = run_dtype(tcfg, ckpt, model, splits["train"], device, rank, ddp, say)
+    dtype, race = run_dtype(tcfg, ckpt, model, splits["train"], device, rank, ddp, say)
     # The average starts as the initial weights; its decay ramps up as min(ema, (1+step)/(10+step)),
     # so a short run is not dominated by its random start.
     ema = copy.deepcopy(model).requires_grad_(False).eval() if tcfg.ema > 0 else None
@@ -640,6 +641,7 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
     conf = dict(model=os.path.splitext(os.path.basename(tcfg.model))[0],
                 model_path=os.path.abspath(tcfg.model) if tcfg.model.endswith(".py") else "",
                 dtype=next(n for n, d in DTYPES.items() if d == dtype),  # what --dtype auto chose
+                dtype_race=race,  # its timings (seconds), where it raced fp32 and bf16
                 model_config=dataclasses.asdict(mcfg), train_config=dataclasses.asdict(tcfg),
                 data=dict(name=dataset, **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}))
     n_params = sum(p.numel() for p in raw.parameters())

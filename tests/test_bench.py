@@ -43,18 +43,20 @@ def test_gpt_flops_match_the_closed_form(tmp_path):
 
 def test_compare_prints_the_ratio_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    code = bench.main(["train", "--models", "gpt", "--compare", "fp32,fp32", "--steps", "1",
+    code = bench.main(["train", "--models", "gpt", "--compare", "fp32,fp32", "--steps", "1", "--rounds", "2",
                        "--json", str(path), "--", *gpt_flags(tmp_path), "--device", "cpu"])
     assert code == 0
     out = capsys.readouterr().out
     assert "float32 eager / float32 eager" in out and "x throughput" in out
     rows = json.load(open(path))["rows"]
     assert len(rows) == 2 and rows[0]["val_loss"] == rows[1]["val_loss"]  # same seed, same steps: same losses
+    assert rows[0]["rounds"] == 2
 
 
 def test_compare_with_auto_shows_the_choice_against_the_faster(tmp_path, capsys, monkeypatch):
-    """--compare fp32,bf16,auto: the auto row trains in what --dtype auto chose (here the
-    race is told bf16 is faster) and is held against the faster fixed side."""
+    """--compare fp32,bf16,auto: the auto row is the row of the dtype --dtype auto chose
+    (here its race is told bf16 is faster), with the race's timings, held against the
+    faster fixed side."""
     import train
     monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(train, "race_dtypes", lambda *a: {"fp32": 2.0, "bf16": 1.0})
@@ -65,8 +67,11 @@ def test_compare_with_auto_shows_the_choice_against_the_faster(tmp_path, capsys,
     out = capsys.readouterr().out
     rows = json.load(open(path))["rows"]
     assert [r["side"] for r in rows] == ["float32 eager", "bfloat16 eager", "bfloat16 eager (auto)"]
-    assert rows[1]["val_loss"] == rows[2]["val_loss"]  # the same dtype, seed and steps: the same run
-    assert "bfloat16 eager (auto) / the faster, " in out
+    assert rows[2]["race"] == {"fp32": 2.0, "bf16": 1.0}
+    same = lambda r: {k: v for k, v in r.items() if k not in ("side", "race")}  # noqa: E731
+    assert same(rows[2]) == same(rows[1])  # auto trains exactly as bf16 then: not timed twice
+    assert "bfloat16 eager (auto) (its race, a micro-batch's forward and backward: fp32 2000.0 ms, " \
+           "bf16 1000.0 ms) / the faster, " in out
 
 
 def test_bad_compare_is_one_line(capsys):
@@ -81,4 +86,4 @@ def test_a_run_that_stops_early_or_a_chosen_out_dir_is_one_line(tmp_path, capsys
     for extra in (["--out-dir", str(tmp_path / "mine")], ["--max-time", "1e-9"]):
         assert bench.main(["train", "--models", "gpt", "--steps", "2", "--", *flags, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1].startswith("error: ") and ("--out-dir" in err[-1] or "stopped before step 4" in err[-1]), err
+        assert err[-1].startswith("error: ") and ("--out-dir" in err[-1] or "stopped before step 8" in err[-1]), err  # (1 + 3 intervals) x 2 steps

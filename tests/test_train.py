@@ -165,7 +165,7 @@ def test_every_process_takes_rank_0s_dtype(monkeypatch):
     cpu, tcfg = torch.device("cpu"), train.TrainConfig(dtype="auto")
     for rank, bf16_here in ((0, True), (1, True), (1, False)):
         monkeypatch.setattr(train, "cpu_has_bf16", lambda: bf16_here)
-        got = train.run_dtype(tcfg, None, None, None, cpu, rank, True, lambda *a: None)
+        got, _ = train.run_dtype(tcfg, None, None, None, cpu, rank, True, lambda *a: None)
         assert got == torch.bfloat16
     assert raced == [1] and sent == [1, 1, 0]  # rank 0 raced; each rank's own guess was overridden
 
