@@ -10,15 +10,18 @@ PROBE = "import torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_
 LEVEL = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 
 
+# this CPU as it is (the suite itself may run under the tool)
+ENV = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")}
+ENV["PATH"] = os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", "")  # this python first
+
+
 def tool(*argv):
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # this python first
     return subprocess.run(["bash", os.path.join(ROOT, "tools", "other_cpu.sh"), *argv], capture_output=True,
-                          text=True, timeout=120, env=env)
+                          text=True, timeout=120, env=ENV)
 
 
 def test_other_cpu_lowers_the_instruction_set_and_threads():
-    native = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True).stdout.split()[0]
+    native = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=ENV).stdout.split()[0]
     r = tool(sys.executable, "-c", PROBE)
     assert r.returncode == 0, r.stderr
     isa, threads = r.stdout.split()
