@@ -183,15 +183,14 @@ def resolve_auto(spec, extra=(), workdir="."):
 
 def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir=".", intervals=1, flops=None):
     """One row: train.py itself, run in this process for (1 + intervals) x steps steps of
-    `spec` ("model:preset") in `dtype_name` (auto: what --dtype auto chooses, then that);
-    the first `steps` warm up (compile, allocator, kernel choice), then each `steps` are
+    `spec` ("model:preset") in `dtype_name` (fp32, bf16 or fp16: bench_sides resolves
+    auto); the first `steps` warm up (compile, allocator, kernel choice), then each `steps` are
     one log interval, whose rate and data share train.py logs: the fastest interval is the
     row's. FLOPs (unless given, from an earlier row of the same run): the counted FLOPs of
     a 2-step run less those of a 1-step run (both evaluate and sample alike), so exactly
     one of train.py's steps."""
     out = os.path.join(workdir, "run")
-    chosen = resolve_auto(spec, extra, workdir)[0] if dtype_name == "auto" else dtype_name
-    base = run_flags(spec, chosen, extra, out)
+    base = run_flags(spec, dtype_name, extra, out)
     module, tcfg, mcfg, given = train.parse_args(base)
     device = train.pick_device(tcfg.device, 0)
     why = compiled and train.compile_unavailable(device)
@@ -220,7 +219,7 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir=".", interv
                                f"(a --max-time or --max-iters among the extra flags?)")
     rate_key = next(k for k in timed_lines[-1] if k.endswith("_per_s"))
     line = max(timed_lines, key=lambda r: r[rate_key])
-    dtype = train.pick_dtype(chosen, device)
+    dtype = train.pick_dtype(dtype_name, device)
     peak, size = matmul_peak(device, dtype)
     final = [r for r in log if any(k.startswith("val_loss") for k in r)][-1]
     per_s = line[rate_key]
@@ -230,8 +229,7 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir=".", interv
     step_s = per_step / examples
     val = [v for k, v in final.items() if k.startswith("val_loss")][-1]  # a GAN: the last player's
     return dict(what="train", model=spec, side=f"{str(dtype).removeprefix('torch.')} "
-                                              f"{'compile' if compiled else 'eager'}"
-                                              f"{' (auto)' if dtype_name == 'auto' else ''}",
+                                              f"{'compile' if compiled else 'eager'}",
                 device=machine(device), step_s=step_s, examples_per_s=examples,
                 tokens_per_s=per_s if tokens else None, gflop_per_step=flops / 1e9,
                 achieved_gflops=flops / step_s / 1e9, peak_gflops=peak / 1e9, peak_matmul_n=size,
@@ -241,12 +239,14 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir=".", interv
 
 def bench_sides(spec, sides, steps, extra, workdir, args):
     """The rows of one model: each side timed --rounds times, taking turns (a slow spell
-    of the machine then hits every side alike), its fastest round kept. Beside fixed
-    dtypes, auto is not timed again: train.py then trains exactly as with the dtype its
-    race chose, so its row is that dtype's, with the race's choice and timings."""
-    fixed = {d for d, c in sides if d != "auto"}
-    auto = resolve_auto(spec, extra, workdir) if ("auto", False) in sides and fixed else None
-    timed = [(d, c) for d, c in sides if not (d == "auto" and auto and auto[0] in fixed)]
+    of the machine then hits every side alike), its fastest round kept. auto is resolved
+    once, to the dtype --dtype auto trains in, and timed as that dtype (once, where a
+    fixed side is the same run); beside fixed dtypes its row is marked "(auto)" and
+    carries the race's timings."""
+    fixed = {d for d, _ in sides if d != "auto"}
+    auto = resolve_auto(spec, extra, workdir) if any(d == "auto" for d, _ in sides) else None
+    dtype_of = lambda d: auto[0] if d == "auto" else d  # noqa: E731
+    timed = list(dict.fromkeys((dtype_of(d), c) for d, c in sides))
     best, flops = {}, {}
     for _ in range(args.rounds):
         for dtype_name, compiled in timed:
@@ -257,12 +257,11 @@ def bench_sides(spec, sides, steps, extra, workdir, args):
             if row["examples_per_s"] > best.get((dtype_name, compiled), {}).get("examples_per_s", 0):
                 best[dtype_name, compiled] = row
     rows = []
-    for side in sides:
-        if side in best:
-            rows.append(dict(best[side], rounds=args.rounds))
-        else:  # auto, as the dtype it chose
-            rows.append(dict(best[auto[0], False], side=best[auto[0], False]["side"] + " (auto)",
-                             race=auto[1], rounds=args.rounds))
+    for d, c in sides:
+        row = dict(best[dtype_of(d), c], rounds=args.rounds)
+        if d == "auto" and fixed:
+            row.update(side=row["side"] + " (auto)", race=auto[1])
+        rows.append(row)
     return rows
 
 

@@ -544,7 +544,7 @@ def npy_images(path):
         raise DataError(f"{path} has shape {a.shape}; give (N,H,W), (N,H,W,C) or (N,C,H,W) with C = 1 or 3")
     if a.shape[2] != a.shape[3] or a.shape[2] < 4:
         raise DataError(f"{path}: images are {a.shape[2]}x{a.shape[3]}; nanogen's image models take square images")
-    return np.ascontiguousarray(a)
+    return np.array(a, order="C")  # read into memory, writable (the map is read-only), N, C, H, W contiguous
 
 
 def npy_arrays(path):

@@ -560,7 +560,7 @@ def load_set(spec, split, data_dir, n):
             a = np.load(spec, allow_pickle=False) if os.path.isfile(spec) else None
             if a is not None and a.ndim == 2 and a.shape[1] == 2 and a.dtype.kind == "f":
                 return torch.from_numpy(a[:n]).float(), None  # 2D points
-            return torch.from_numpy(data.npy_images(spec)[:n].copy()), None  # a copy: the file is mapped read-only
+            return torch.from_numpy(data.npy_images(spec)[:n]), None
         splits = data.load(spec, data_dir=data_dir)
     except (data.DataError, ValueError, OSError) as e:
         raise MetricsError(str(e).splitlines()[0] if str(e) else f"{spec}: cannot read it")

@@ -49,9 +49,8 @@ def main(argv=None):
 
     device = train.pick_device(args.device, 0)
     ckpt = train.load_checkpoint(args.ckpt)
-    trained = ckpt["config"].get("dtype")  # auto: the dtype the run trained in, where it is native here
-    native = args.dtype == "auto" and trained and train.native_dtype(trained, device)
-    dtype = train.pick_dtype(trained if native else args.dtype, device)
+    kept = train.trained_dtype(ckpt, device) if args.dtype == "auto" else None
+    dtype = train.pick_dtype(kept or args.dtype, device)
     module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device, args.ckpt)
     model.eval()
     kind = ckpt["config"]["data"].get("kind", "tokens")

@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node 2 train.py --model gpt --preset tiny
 
 A model is a module (gpt, diffusion, ...) or a path to a .py file that follows the
-model contract in DESIGN.md. Every field of TrainConfig below and of the model's
+model contract in README.md. Every field of TrainConfig below and of the model's
 Config is a flag (n_layer -> --n-layer); a preset sets several at once; flags given on
 the command line win over the preset, which wins over the defaults.
 
@@ -105,7 +105,7 @@ def load_module(name):
         module = importlib.import_module(name)
     for attr in ("Config", "Model", "PRESETS"):
         if not hasattr(module, attr):
-            raise UsageError(f"--model {name}: the module defines no {attr} (see DESIGN.md, the model contract)")
+            raise UsageError(f"--model {name}: the module defines no {attr} (see the model contract in README.md)")
     return module
 
 
@@ -254,6 +254,16 @@ def native_dtype(name, device):
     if device.type == "cuda":
         return name != "bf16" or torch.cuda.is_bf16_supported()
     return name == "fp32" or name == "bf16" and device.type == "cpu" and cpu_has_bf16()
+
+
+def trained_dtype(ckpt, device):
+    """What --dtype auto takes for a checkpoint's model: the dtype its run trained in,
+    where this device computes it natively (None where it does not); "auto" (auto's rule
+    of the time, no race) for a checkpoint from before train.py recorded it."""
+    saved = ckpt["config"].get("dtype")
+    if saved is None:
+        return "auto"
+    return saved if native_dtype(saved, device) else None
 
 
 def race_dtypes(model, split, batch_size, device, seed):
@@ -487,13 +497,11 @@ def run_dtype(tcfg, ckpt, model, split, device, rank, ddp, say):
     process its answer."""
     name, took = tcfg.dtype, None
     if name == "auto" and ckpt is not None:
-        saved = ckpt["config"].get("dtype")
-        if saved is None:  # written before auto timed anything: auto's rule then
-            return pick_dtype("auto", device), None
-        if native_dtype(saved, device):
-            return pick_dtype(saved, device), ckpt["config"].get("dtype_race")
-        say(f"--dtype auto: the checkpoint trained in {saved}, which this device does not compute "
-            f"natively; choosing again")
+        kept = trained_dtype(ckpt, device)
+        if kept is not None:
+            return pick_dtype(kept, device), ckpt["config"].get("dtype_race")
+        say(f"--dtype auto: the checkpoint trained in {ckpt['config']['dtype']}, which this device does not "
+            f"compute natively; choosing again")
     if name != "auto" or device.type != "cpu":
         return pick_dtype(name, device), None
     name = "bf16" if cpu_has_bf16() else "fp32"

@@ -1,6 +1,6 @@
 """A deliberately tiny image model for the tests: an independent Gaussian per pixel,
 with the discretised likelihood of 8-bit data. It follows the model contract
-(DESIGN.md), so train.py, sample grids and metrics.py can be exercised in seconds."""
+(README.md), so train.py, sample grids and metrics.py can be exercised in seconds."""
 from dataclasses import dataclass
 
 import torch
