@@ -46,9 +46,11 @@ import numpy as np
 import torch
 from torch.utils import flop_counter
 
+import common
 import metrics
 import optim
 import train
+from common import UsageError
 
 DEFAULT_MODELS = "gpt:small,diffusion:tiny,gan:tiny,vae:tiny"
 
@@ -165,7 +167,7 @@ def quiet_train(argv, out):
 def run_flags(spec, dtype_name, extra, out):
     """train.py's flags for a bench run of `spec` ("model:preset") into `out`."""
     if "--out-dir" in extra:
-        raise train.UsageError("bench.py picks the --out-dir of its runs (a temporary folder); drop the flag")
+        raise UsageError("bench.py picks the --out-dir of its runs (a temporary folder); drop the flag")
     name, _, preset = spec.partition(":")
     return ["--model", name, *(["--preset", preset] if preset else []), *extra, "--dtype", dtype_name,
             "--eval-interval", str(10 ** 9), "--eval-iters", "1", "--sample-tokens", "8", "--sample-images", "4",
@@ -192,10 +194,10 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir=".", interv
     out = os.path.join(workdir, "run")
     base = run_flags(spec, dtype_name, extra, out)
     module, tcfg, mcfg, given = train.parse_args(base)
-    device = train.pick_device(tcfg.device, 0)
-    why = compiled and train.compile_unavailable(device)
+    device = common.pick_device(tcfg.device)
+    why = compiled and common.compile_unavailable(device)
     if why:  # train.py would fall back to eager, and the row would not be what it says
-        raise train.UsageError(f"--compare eager,compile: {why}")
+        raise UsageError(f"--compare eager,compile: {why}")
     if flops is None:
         counted = []
         for n in (1, 2):
@@ -215,11 +217,11 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir=".", interv
     memory = peak_mib(device)
     timed_lines = [r for r in log if "lr" in r and r.get("step", 0) > steps]
     if not any(r.get("step") == total for r in timed_lines):
-        raise train.UsageError(f"{spec}: train.py stopped before step {total} "
+        raise UsageError(f"{spec}: train.py stopped before step {total} "
                                f"(a --max-time or --max-iters among the extra flags?)")
     rate_key = next(k for k in timed_lines[-1] if k.endswith("_per_s"))
     line = max(timed_lines, key=lambda r: r[rate_key])
-    dtype = train.pick_dtype(dtype_name, device)
+    dtype = common.pick_dtype(dtype_name, device)
     peak, size = matmul_peak(device, dtype)
     final = [r for r in log if any(k.startswith("val_loss") for k in r)][-1]
     per_s = line[rate_key]
@@ -284,7 +286,7 @@ def bench_sample(device, dtype):
         out = {}
         for cache in (True, False):
             def go():
-                with torch.no_grad(), train.autocast(device, dtype):
+                with torch.no_grad(), common.autocast(device, dtype):
                     ids = model.generate(prompt, new, temperature=0, use_cache=cache)
                 sync(device)
                 return ids
@@ -307,7 +309,7 @@ def bench_sample(device, dtype):
         times = {}
         for steps in (50, 0):  # DDIM-50, then ancestral over all T
             def go():
-                with train.autocast(device, dtype):
+                with common.autocast(device, dtype):
                     model.sample(n, steps=steps)
                 sync(device)
             times[steps], _ = timed(go, 1)
@@ -441,7 +443,7 @@ def print_table(rows):
 
 
 def main(argv=None):
-    p = train.Parser(prog="bench.py", description=__doc__.strip().split("\n\n")[0],
+    p = common.Parser(prog="bench.py", description=__doc__.strip().split("\n\n")[0],
                                 epilog=__doc__.strip().split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["all", "train", "sample", "optim", "frechet"],
@@ -479,7 +481,7 @@ def main(argv=None):
         else:
             p.error(f"--compare {args.compare}: use dtypes (fp32,bf16 or fp32,bf16,auto) or eager,compile")
     try:
-        device = train.pick_device(args.device, 0)
+        device = common.pick_device(args.device)
         rows = []
         if args.what in ("all", "train"):
             steps = max(args.steps, 3) if any(c for _, c in sides) else args.steps  # both sides alike
@@ -487,14 +489,11 @@ def main(argv=None):
                 for spec in args.models.split(","):
                     rows += bench_sides(spec, sides, steps, ["--device", args.device, *extra], workdir, args)
         if args.what in ("all", "sample"):
-            rows += bench_sample(device, train.pick_dtype("auto", device))
+            rows += bench_sample(device, common.pick_dtype("auto", device))
         if args.what in ("all", "optim"):
             rows += bench_optim(device)
         if args.what == "frechet":
             rows.append(bench_frechet(args.dim, args.repeats))
-    except train.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
@@ -505,10 +504,9 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(dict(machine=machine(device), torch=torch.__version__, rows=rows), f, indent=1)
         except OSError as e:
-            print(f"error: --json {args.json}: cannot write it ({e.strerror})", file=sys.stderr)
-            return 2
+            raise UsageError(f"--json {args.json}: cannot write it ({e.strerror})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.cli(main)

@@ -24,7 +24,7 @@ Points are fresh samples of a 2D Gaussian mixture at every batch:
 
     "ring8", "grid25"   the mode-collapse benchmarks (see POINTS)
 
-This file also writes PNGs (save_grid, save_scatter) with zlib alone.
+This file also writes PNGs (save_grid, save_scatter, save_samples) with zlib alone.
 """
 import os
 import sys
@@ -40,9 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-class DataError(Exception):
-    """A problem the user can fix; the message is one line that says how."""
+from common import UsageError, atomic_write
 
 
 VAL_PERCENT = 5  # share of files (or of the token stream) held out for validation
@@ -93,11 +91,11 @@ def get_tokenizer(name):
     import tiktoken  # imported here so the default, offline path never loads it
     choices = tiktoken.list_encoding_names()
     if name not in choices:
-        raise DataError(f"unknown tokenizer {name!r}; choose one of: bytes, {', '.join(choices)}")
+        raise UsageError(f"unknown tokenizer {name!r}; choose one of: bytes, {', '.join(choices)}")
     try:
         enc = tiktoken.get_encoding(name)
     except Exception as e:  # the first use downloads the vocabulary; any network failure lands here
-        raise DataError(f"tokenizer {name!r} could not be downloaded ({type(e).__name__}); offline, "
+        raise UsageError(f"tokenizer {name!r} could not be downloaded ({type(e).__name__}); offline, "
                         f"set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached files, "
                         f"or use --tokenizer bytes") from None
     return TiktokenTokenizer(enc)
@@ -144,11 +142,11 @@ def _read_text(path):
     with open(path, "rb") as f:
         raw = f.read()
     if b"\0" in raw:  # text files practically never hold NUL bytes; binaries nearly always do
-        raise DataError(f"{path} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
+        raise UsageError(f"{path} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
+        raise UsageError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
 
 
 def _build_streams(root, relpaths, tok, by_file, skip_bad):
@@ -159,7 +157,7 @@ def _build_streams(root, relpaths, tok, by_file, skip_bad):
     for rel in relpaths:
         try:
             text = _read_text(os.path.join(root, rel))
-        except DataError:
+        except UsageError:
             if skip_bad:  # pystdlib has a few deliberately non-UTF-8 test files
                 continue
             raise
@@ -186,29 +184,6 @@ MAGIC, FORMAT_VERSION, ALIGN = b"NANOGEN\n", 1, 64
 
 def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temp file next to path, fsync it, rename it over path.
-    A reader sees the old file or the new one, never half of one, even if this
-    process is killed midway; when several processes write at once the last rename
-    wins. train.py writes its checkpoints through here too."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.{os.urandom(4).hex()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dirfd)  # make the rename itself durable
-    finally:
-        os.close(dirfd)
 
 
 def write_tokens(path, tokens, meta):
@@ -441,18 +416,18 @@ def fetch(name, data_dir):
                 with urllib.request.urlopen(base + fname, timeout=30) as r:
                     atomic_write(os.path.join(folder, fname), lambda f: _copy(r, f, spec["files"][fname], fname))
                 break
-            except DataError:
+            except UsageError:
                 raise
             except Exception as e:  # offline, DNS, HTTP errors, timeouts: try the next place
                 errors.append(f"{type(e).__name__}: {e}")
     still = [f for f in missing if not os.path.exists(os.path.join(folder, f))]
     if still:
-        raise DataError(f"{name}: cannot download {', '.join(still)} ({errors[-1][:80]}); "
+        raise UsageError(f"{name}: cannot download {', '.join(still)} ({errors[-1][:80]}); "
                         f"get them from {spec['urls'][0]} and put them in {folder}/")
     for fname, want in spec["files"].items():
         got = sha256_of(os.path.join(folder, fname))
         if got != want:
-            raise DataError(f"{os.path.join(folder, fname)} has sha256 {got[:12]}..., not {want[:12]}... "
+            raise UsageError(f"{os.path.join(folder, fname)} has sha256 {got[:12]}..., not {want[:12]}... "
                             f"(damaged or a different file); delete it and run again to download it")
     return {f: os.path.join(folder, f) for f in spec["files"]}
 
@@ -463,7 +438,7 @@ def _copy(response, f, want, fname):
         h.update(block)
         f.write(block)
     if h.hexdigest() != want:
-        raise DataError(f"downloaded {fname} has sha256 {h.hexdigest()[:12]}..., not {want[:12]}...; "
+        raise UsageError(f"downloaded {fname} has sha256 {h.hexdigest()[:12]}..., not {want[:12]}...; "
                         f"the server sent something else, try again later")
 
 
@@ -471,17 +446,17 @@ def read_idx(data):
     """The IDX format of MNIST: a big-endian magic (two zero bytes, a type code, the
     number of dimensions), one big-endian uint32 per dimension, then the values."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError("not an IDX file (bad magic number)")
+        raise UsageError("not an IDX file (bad magic number)")
     types = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if data[2] not in types or not 1 <= data[3] <= 4:
-        raise DataError(f"not an IDX file (type {data[2]:#x}, {data[3]} dimensions)")
+        raise UsageError(f"not an IDX file (type {data[2]:#x}, {data[3]} dimensions)")
     ndim, dtype = data[3], np.dtype(types[data[2]])
     if len(data) < 4 + 4 * ndim:
-        raise DataError("IDX file truncated in its header")
+        raise UsageError("IDX file truncated in its header")
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     body = data[4 + 4 * ndim:]
     if len(body) != math.prod(dims) * dtype.itemsize:
-        raise DataError(f"IDX file holds {len(body)} bytes of data, its header says {dims}")
+        raise UsageError(f"IDX file holds {len(body)} bytes of data, its header says {dims}")
     return np.frombuffer(body, dtype).reshape(dims)
 
 
@@ -489,10 +464,10 @@ def read_cifar_bin(data):
     """CIFAR-10 binary batches: records of one label byte then 3072 bytes, the 32x32
     red, green and blue planes row by row. -> (uint8 [N, 3, 32, 32], int64 [N])."""
     if len(data) % 3073:
-        raise DataError(f"a CIFAR-10 binary batch is a whole number of 3073-byte records, not {len(data)} bytes")
+        raise UsageError(f"a CIFAR-10 binary batch is a whole number of 3073-byte records, not {len(data)} bytes")
     rec = np.frombuffer(data, np.uint8).reshape(-1, 3073)
     if len(rec) and rec[:, 0].max() > 9:
-        raise DataError("CIFAR-10 labels must be 0..9")
+        raise UsageError("CIFAR-10 labels must be 0..9")
     return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
 
 
@@ -509,7 +484,7 @@ def downloaded_arrays(name, data_dir):
                     parts[os.path.basename(m.name)] = read_cifar_bin(tar.extractfile(m).read())
         want = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
         if any(w not in parts for w in want):
-            raise DataError(f"{paths['cifar-10-binary.tar.gz']} lacks some of {want}")
+            raise UsageError(f"{paths['cifar-10-binary.tar.gz']} lacks some of {want}")
         train = [parts[w] for w in want[:5]]
         return {"train": (np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train])),
                 "val": parts["test_batch.bin"]}
@@ -526,13 +501,13 @@ def npy_images(path):
     """A user's .npy of uint8 images, (N,H,W), (N,H,W,C) or (N,C,H,W) with C 1 or 3,
     as uint8 [N, C, H, W]."""
     if not os.path.isfile(path):
-        raise DataError(f"no such file: {path}")
+        raise UsageError(f"no such file: {path}")
     try:
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # a damaged header fails in numpy's parser in many ways (fuzzing found tokenize.TokenError)
-        raise DataError(f"{path} is not a readable .npy file ({str(e)[:80]}); save images with np.save") from None
+        raise UsageError(f"{path} is not a readable .npy file ({str(e)[:80]}); save images with np.save") from None
     if a.dtype != np.uint8:
-        raise DataError(f"{path} holds {a.dtype}, not uint8; save images as uint8 0..255 "
+        raise UsageError(f"{path} holds {a.dtype}, not uint8; save images as uint8 0..255 "
                         f"(e.g. (x * 255).round().astype(np.uint8))")
     if a.ndim == 3:
         a = a[:, None]
@@ -541,9 +516,9 @@ def npy_images(path):
     elif a.ndim == 4 and a.shape[3] in (1, 3):
         a = a.transpose(0, 3, 1, 2)
     else:
-        raise DataError(f"{path} has shape {a.shape}; give (N,H,W), (N,H,W,C) or (N,C,H,W) with C = 1 or 3")
+        raise UsageError(f"{path} has shape {a.shape}; give (N,H,W), (N,H,W,C) or (N,C,H,W) with C = 1 or 3")
     if a.shape[2] != a.shape[3] or a.shape[2] < 4:
-        raise DataError(f"{path}: images are {a.shape[2]}x{a.shape[3]}; nanogen's image models take square images")
+        raise UsageError(f"{path}: images are {a.shape[2]}x{a.shape[3]}; nanogen's image models take square images")
     return np.array(a, order="C")  # read into memory, writable (the map is read-only), N, C, H, W contiguous
 
 
@@ -552,7 +527,7 @@ def npy_arrays(path):
     a = npy_images(path)
     n = len(a)
     if n < 2:
-        raise DataError(f"{path} holds {n} image(s); give at least 2 (one for train, one for val)")
+        raise UsageError(f"{path} holds {n} image(s); give at least 2 (one for train, one for val)")
     perm = np.random.default_rng(0).permutation(n)
     n_val = max(1, n * VAL_PERCENT // 100)
     return {"val": (a[np.sort(perm[:n_val])], None), "train": (a[np.sort(perm[n_val:])], None)}
@@ -630,6 +605,18 @@ def save_scatter(points, path, centers=None, radius=None, size=480, extent=None)
         for c in torch.as_tensor(centers).float():
             plot(c + r * torch.stack([t.cos(), t.sin()], 1), (220, 30, 30), dot=1)
     write_png(path, img)
+
+
+def save_samples(x, path, classes=0, label=None, points=None):
+    """The picture of a model's samples, for train.py's evaluations and sample.py: images
+    as a grid, one column per class where the labels cycle through the classes (see
+    common.sample_labels); 2D points as a scatter over the true modes of `points` (a
+    POINTS name), each ringed at 3 standard deviations."""
+    if points is not None:
+        centers, std = POINTS[points] if points in POINTS else (None, None)
+        save_scatter(x, path, centers=centers, radius=None if std is None else 3 * std)
+    else:
+        save_grid(x, path, nrow=classes if classes and label is None else int(math.ceil(math.sqrt(len(x)))))
 
 
 # -----------------------------------------------------------------------------
@@ -718,17 +705,17 @@ def load(name, *, tokenizer="bytes", data_dir="data", block_size=256):
     elif os.path.isdir(name):
         root, relpaths = name, _list_files(name, ".txt")
         if not relpaths:
-            raise DataError(f"folder {name} has no .txt files; give a .txt file or a folder that holds some")
+            raise UsageError(f"folder {name} has no .txt files; give a .txt file or a folder that holds some")
         key, by_file, skip_bad, extra = os.path.basename(os.path.abspath(name)), True, False, []
     elif os.path.isfile(name):
         root, relpaths = os.path.dirname(name) or ".", [os.path.basename(name)]
         if os.path.getsize(name) == 0:
-            raise DataError(f"{name} is empty; give a text file with some text in it")
+            raise UsageError(f"{name} is empty; give a text file with some text in it")
         key, by_file, skip_bad, extra = os.path.basename(name), False, False, []
     elif "/" in name or os.sep in name or name.endswith(".txt"):
-        raise DataError(f"no such file or folder: {name}")
+        raise UsageError(f"no such file or folder: {name}")
     else:
-        raise DataError(f"unknown dataset {name!r}; use pystdlib, digits, mnist, fashion-mnist, cifar10, ring8, grid25, "
+        raise UsageError(f"unknown dataset {name!r}; use pystdlib, digits, mnist, fashion-mnist, cifar10, ring8, grid25, "
                         f"a .txt file, a folder of .txt files, or a .npy of uint8 images")
 
     tok = get_tokenizer(tokenizer)
@@ -743,19 +730,19 @@ def load(name, *, tokenizer="bytes", data_dir="data", block_size=256):
         print(f"data: tokenizing {name} with {tok.name} into {os.path.join(data_dir, 'cache')}", file=sys.stderr)
         streams, bytes_per_token = _build_streams(root, relpaths, tok, by_file, skip_bad)
         if not any(len(t) for t in streams.values()):
-            raise DataError(f"{name} holds no text, only empty files; give files with some text in them")
+            raise UsageError(f"{name} holds no text, only empty files; give files with some text in them")
         for s, p in paths.items():
             try:
                 write_tokens(p, streams[s], {**expect, "bytes_per_token": bytes_per_token})
             except OSError as e:  # full disk, read-only folder
-                raise DataError(f"cannot write token cache {p} ({e.strerror}); "
+                raise UsageError(f"cannot write token cache {p} ({e.strerror}); "
                                 f"free some space or pass another --data-dir") from None
         cached = {s: read_tokens(p, expect) for s, p in paths.items()}
 
     out = {}
     for s, (tokens, meta) in cached.items():
         if len(tokens) < block_size + 1:
-            raise DataError(f"the {s} split of {name} has {len(tokens)} tokens, fewer than block_size+1 = "
+            raise UsageError(f"the {s} split of {name} has {len(tokens)} tokens, fewer than block_size+1 = "
                             f"{block_size + 1}; lower --block-size or use more text")
         info = {"kind": "tokens", "shape": (block_size,), "vocab_size": tok.vocab_size,
                 "bytes_per_token": meta["bytes_per_token"], "num_tokens": len(tokens),

@@ -21,17 +21,21 @@ DATA = "digits"
 class Config:
     channels: int = 1               # image channels (filled from the data)
     image_size: int = 28            # image height = width (filled from the data)
-    num_classes: int = 0            # > 0: class-conditional with guidance (filled from labelled data); 0: unconditional
+    num_classes: int = 0            # > 0: class-conditional with guidance (filled from labelled data); 0:
+                                    # unconditional
     base: int = 16                  # U-Net channels at full resolution (DDPM's CIFAR-10 model: 128)
-    mults: tuple = (1, 2, 4)        # channel multiplier per resolution level; each level after the first halves the size
+    mults: tuple = (1, 2, 4)        # channel multiplier per resolution level; each level after the first
+                                    # halves the size
     num_res_blocks: int = 1         # residual blocks per level on the way down (one more on the way up)
-    attn_res: tuple = (7,)          # resolutions (pixels per side) whose blocks are followed by self-attention
+    attn_res: tuple = (7,)          # resolutions (pixels per side) whose blocks are followed by
+                                    # self-attention
     dropout: float = 0.0            # dropout inside residual blocks
     timesteps: int = 1000           # T, the number of noise levels
     schedule: str = "linear"        # linear (DDPM: beta 1e-4..0.02 at T=1000) or cosine (Nichol & Dhariwal)
     objective: str = "eps"          # what the network predicts: eps, x0 or v
     variance: str = "small"         # reverse-process variance: small (beta-tilde) or large (beta)
-    p_uncond: float = 0.1           # conditional models: probability of dropping the label in training (for guidance)
+    p_uncond: float = 0.1           # conditional models: probability of dropping the label in training (for
+                                    # guidance)
     sample_steps: int = 50          # default sampling: DDIM over this many steps (0: ancestral over all T)
 
 
@@ -378,5 +382,6 @@ class Model(nn.Module):
                 term = normal_kl(true_mean, self._at("posterior_logvar", tt, x), mean, logvar)
             total += term.flatten(1).double().sum(1)
         ab_T = self.alphas_cumprod[-1].float()
-        prior = normal_kl(ab_T.sqrt() * x, torch.log(1 - ab_T).expand_as(x), torch.zeros_like(x), torch.zeros_like(x))
+        zero = torch.zeros_like(x)
+        prior = normal_kl(ab_T.sqrt() * x, torch.log(1 - ab_T).expand_as(x), zero, zero)
         return total + prior.flatten(1).double().sum(1)

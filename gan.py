@@ -40,43 +40,38 @@ DATA = "digits"
 class Config:
     channels: int = 1               # image channels (filled from the data)
     image_size: int = 28            # image height = width, divisible by 4: 28, 32 (filled from the data)
-    num_classes: int = 0            # > 0: class-conditional G and D (filled from labelled data); 0: unconditional
-    point_dim: int = 0              # 2 for 2D points, where both nets are MLPs; 0 for images (filled from the data)
+    num_classes: int = 0            # > 0: class-conditional G and D (filled from labelled data); 0:
+                                    # unconditional
+    point_dim: int = 0              # 2 for 2D points, where both nets are MLPs; 0 for images (filled from
+                                    # the data)
     z_dim: int = 64                 # size of the latent z ~ N(0, I)
-    width: int = 32                 # images: G has 4x then 2x this many channels, D 2x then 4x; points: 8x this is the MLP width
+    width: int = 32                 # images: G has 4x then 2x this many channels, D 2x then 4x; points: 8x
+                                    # this is the MLP width
     loss: str = "ns"                # ns (non-saturating, Goodfellow et al.) or hinge
     spectral_norm: bool = True      # spectral norm on every layer of D
     r1: float = 0.0                 # R1 penalty weight gamma: gamma/2 * E |grad_x D(x_real)|^2 (0: off)
-    cond: str = "projection"        # conditional D: projection (inner product of a label embedding with D's features) or concat (one-hot label channels)
+    cond: str = "projection"        # conditional D: projection (inner product of a label embedding with D's
+                                    # features) or concat (one-hot label channels)
     d_steps: int = 1                # discriminator steps per generator step
-    mbstd: int = 0                  # D sees the feature spread within groups of this many examples (minibatch std, against collapse; 0: off)
-    pac: int = 1                    # D judges packs of this many examples side by side (PacGAN, against collapse; unconditional only; 1: off)
+    mbstd: int = 0                  # D sees the feature spread within groups of this many examples
+                                    # (minibatch std, against collapse; 0: off)
+    pac: int = 1                    # D judges packs of this many examples side by side (PacGAN, against
+                                    # collapse; unconditional only; 1: off)
     d_lr_mult: float = 1.0          # TTUR (Heusel et al. 2017): D's learning rate is this times --lr
-    z_classes: int = 0              # > 0: the latent also holds a uniform random category out of this many, which G embeds as it does a label (unconditional only; 0: off)
+    z_classes: int = 0              # > 0: the latent also holds a uniform random category out of this many,
+                                    # which G embeds as it does a label (unconditional only; 0: off)
 
 
 PRESETS = {
-    # Digits on a 2-core CPU in 20 minutes. The minibatch std keeps variety within a class:
-    # without it (and with heavier nets) each class collapsed to one prototype, recall 0.03
-    # at 1,000 steps; with it 0.39 at 5,712 steps (precision 0.83, IS 9.90), and sampled
-    # at temperature 1.2, recall 0.52, precision 0.75, IS 9.80.
-    "tiny": dict(width=32, z_dim=64, mbstd=4, batch_size=64, lr=2e-4, min_lr=2e-4, warmup_iters=0, max_iters=20000,
-                 beta1=0.5, beta2=0.999, weight_decay=0.0, grad_clip=0.0, d_lr_mult=2.0,
+    # Digits on a 2-core CPU in 20 minutes. The minibatch std keeps variety within a class
+    # (without it each class collapsed to one prototype); D at twice G's rate (TTUR).
+    "tiny": dict(width=32, z_dim=64, mbstd=4, batch_size=64, lr=2e-4, min_lr=2e-4, warmup_iters=0,
+                 max_iters=20000, beta1=0.5, beta2=0.999, weight_decay=0.0, grad_clip=0.0, d_lr_mult=2.0,
                  eval_interval=1000, eval_iters=4, ema=0.999, sample_images=100),
-    # The 2D mixtures: MLPs 256 wide, 6,000 steps of 1,024 points (7-9 minutes on one core).
-    # The latent holds one of 100 categories beside z: with z alone, G drew points between
-    # the modes and dropped some (seeds 1, 2: 20 and 16 of 25 modes at 12,000 steps; with
-    # PacGAN's packs all 25, but 80-93% high quality at 24,000). With the categories, every
-    # category found a mode, but at D's learning rate = G's, G then ignored z: each mode a
-    # few dots (recall 0.04-0.15). D at twice G's rate keeps the spread (recall 0.75-0.87
-    # at 6,000 steps, seeds 1-5; it narrows with more: 0.46-0.53 at 12,000). Large batches
-    # keep the modes (at 256 points, 10 a mode, the count wandered between 18 and 22 of 25
-    # for 40,000 steps); the LR holds for 70% of the run, then a cosine sharpens the modes;
-    # the EMA of G is what holds still (the raw G's share of high quality swung between 23%
-    # and 76% while the LR held). No spectral norm: it keeps D 1-Lipschitz, too smooth to
-    # tell a mode 0.05 wide from the space around it (2% of samples within 3 std of a mode
-    # after 3,000 steps, against 14% without, z alone); R1 also slowed it (gamma 0.01: 45%
-    # at 5,000 steps, against 67% without).
+    # The 2D mixtures: MLPs, large batches (small ones lose modes). A random category beside z
+    # lets G put each on a mode with nothing in between; D at twice G's rate keeps G using z.
+    # The LR holds for 70% of the run, then a cosine sharpens the modes; longer runs narrow
+    # them. No spectral norm (too smooth for modes 0.05 wide), no R1 (slower). README: GAN and VAE.
     "grid25": dict(data="grid25", width=32, z_dim=16, z_classes=100, spectral_norm=False, batch_size=1024,
                    lr=5e-4, d_lr_mult=2.0, min_lr=2.5e-5, lr_hold=0.7, warmup_iters=0, max_iters=6000,
                    beta1=0.5, beta2=0.999, weight_decay=0.0, grad_clip=0.0, eval_interval=2000, eval_iters=1,
@@ -153,7 +148,8 @@ class Discriminator(nn.Module):
             x = x.reshape(x.shape[0] // self.cfg.pac, self.cfg.pac * x.shape[1], *x.shape[2:])
         if self.cfg.num_classes and self.cfg.cond == "concat":
             onehot = F.one_hot(y, self.cfg.num_classes).to(x.dtype)
-            x = torch.cat([x, onehot[:, :, None, None].expand(-1, -1, *x.shape[2:]) if x.dim() == 4 else onehot], 1)
+            planes = onehot[:, :, None, None].expand(-1, -1, *x.shape[2:]) if x.dim() == 4 else onehot
+            x = torch.cat([x, planes], 1)
         phi = self.features(x)
         if self.cfg.mbstd:
             phi = torch.cat([phi, self.minibatch_std(phi, parts)], 1)
@@ -194,8 +190,10 @@ class Model(nn.Module):
         if cfg.pac < 1 or (cfg.pac > 1 and cfg.num_classes):
             raise ValueError("pac must be at least 1, and 1 for a class-conditional model (a pack has no "
                              "one label; --num-classes 0 trains unconditionally)")
-        if cfg.d_steps < 1 or cfg.mbstd < 0 or cfg.r1 < 0 or cfg.d_lr_mult <= 0 or cfg.z_dim < 1 or cfg.width < 8 or cfg.width % 8:
-            raise ValueError("d_steps and z_dim must be at least 1, width a multiple of 8, r1 and mbstd >= 0, d_lr_mult > 0")
+        if (cfg.d_steps < 1 or cfg.mbstd < 0 or cfg.r1 < 0 or cfg.d_lr_mult <= 0 or cfg.z_dim < 1
+                or cfg.width < 8 or cfg.width % 8):
+            raise ValueError("d_steps and z_dim must be at least 1, width a multiple of 8, r1 and mbstd >= 0, "
+                             "d_lr_mult > 0")
         self.cfg = cfg
         self.players = ("discriminator",) * cfg.d_steps + ("generator",)
         self.lr_mult = {"discriminator": cfg.d_lr_mult}
@@ -224,7 +222,8 @@ class Model(nn.Module):
         penalise = self.cfg.r1 > 0 and torch.is_grad_enabled()  # not under evaluation's no_grad
         real = x.detach().requires_grad_(penalise)
         # One pass over real and fake together: one power iteration of spectral norm per step.
-        logit = self.discriminator(torch.cat([real, fake.to(real.dtype)]), None if y is None else torch.cat([y, y]), parts=2)
+        both = None if y is None else torch.cat([y, y])
+        logit = self.discriminator(torch.cat([real, fake.to(real.dtype)]), both, parts=2)
         lr, lf = logit[:B // self.cfg.pac].float(), logit[B // self.cfg.pac:].float()
         if self.cfg.loss == "ns":  # -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z))))
             loss = F.softplus(-lr).mean() + F.softplus(lf).mean()

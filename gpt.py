@@ -256,7 +256,8 @@ class Model(nn.Module):
             for k, v in sd.items():
                 v = v.t() if k.endswith(conv1d) else v
                 if v.shape != mine[k].shape:
-                    raise ValueError(f"GPT-2 tensor {k} has shape {tuple(v.shape)}, expected {tuple(mine[k].shape)}")
+                    raise ValueError(f"GPT-2 tensor {k} has shape {tuple(v.shape)}, "
+                                     f"expected {tuple(mine[k].shape)}")
                 mine[k].copy_(v)
         return model
 

@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import data
+from common import UsageError
 
 # ---- distances between sets of features -------------------------------------------------
 
@@ -408,14 +410,14 @@ def load_inception(device="cpu"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(INCEPTION_URL, path, progress=sys.stderr.isatty())
         except Exception as e:
-            raise MetricsError(f"the FID InceptionV3 weights are not available ({type(e).__name__}); download "
+            raise UsageError(f"the FID InceptionV3 weights are not available ({type(e).__name__}); download "
                                f"{INCEPTION_URL} and put {fname} in {os.path.dirname(path)}/, or use "
                                f"--features classifier (offline)") from None
     net = InceptionV3()
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:
-        raise MetricsError(f"{path} is not the FID InceptionV3 weights file ({str(e).splitlines()[0][:100]}); "
+        raise UsageError(f"{path} is not the FID InceptionV3 weights file ({str(e).splitlines()[0][:100]}); "
                            f"delete it to download it again") from None
     return net.to(device).eval()
 
@@ -440,16 +442,12 @@ class Classifier(nn.Module):
         return f / self.scale, self.head(f)
 
 
-class MetricsError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
-
-
 def get_classifier(name, splits, data_dir, device="cpu", epochs=1, log=print):
     """The classifier of dataset `name`, from data_dir/cache or trained now (seeded, so
     the same on every machine up to floating point) and cached. -> (net, test accuracy)."""
     info = splits["train"].info if "train" in splits else {}  # a .npy of images has no splits, no labels
     if info.get("kind") != "image" or splits["train"].labels is None:
-        raise MetricsError(f"--features classifier needs a labelled image dataset; {name} has no labels "
+        raise UsageError(f"--features classifier needs a labelled image dataset; {name} has no labels "
                            f"(use --features inception)")
     c, h, _ = info["shape"]
     key = f"{name}-{c}x{h}-{len(splits['train'])}-{hash_split(splits['train'])}"
@@ -562,13 +560,13 @@ def load_set(spec, split, data_dir, n):
                 return torch.from_numpy(a[:n]).float(), None  # 2D points
             return torch.from_numpy(data.npy_images(spec)[:n]), None
         splits = data.load(spec, data_dir=data_dir)
-    except (data.DataError, ValueError, OSError) as e:
-        raise MetricsError(str(e).splitlines()[0] if str(e) else f"{spec}: cannot read it")
+    except (UsageError, ValueError, OSError) as e:
+        raise UsageError(str(e).splitlines()[0] if str(e) else f"{spec}: cannot read it")
     s = splits[split]
     if s.info["kind"] == "points":
         return s.batch(n, torch.Generator().manual_seed(int(split == "val")))[0], splits
     if s.info["kind"] != "image":
-        raise MetricsError(f"{spec} is text; metrics.py compares images or 2D points")
+        raise UsageError(f"{spec} is text; metrics.py compares images or 2D points")
     return s.images[:n], splits
 
 
@@ -583,7 +581,7 @@ def report(real, fake, train_set, splits, args, name):
         rows["precision"], rows["recall"] = precision_recall(real, fake, k=args.k)
         return rows, "raw 2D coordinates"
     if fake.shape[1:] != real.shape[1:]:
-        raise MetricsError(f"fake images are {tuple(fake.shape[1:])}, real ones {tuple(real.shape[1:])}; "
+        raise UsageError(f"fake images are {tuple(fake.shape[1:])}, real ones {tuple(real.shape[1:])}; "
                            f"they must match")
     inception = args.features == "inception"
     if inception:
@@ -621,15 +619,16 @@ def check_counts(counts, images, k, n):
     why = f"precision/recall with --k {k} needs more than {k} samples in each set" + \
         (", and the Inception Score's 10 splits at least 10" if images else "")
     if have == n:
-        raise MetricsError(f"--n {n} is too few: {why}; the smallest --n that works is --n {need}")
-    raise MetricsError(f"{what} has {have} samples, fewer than {need}: {why}; give at least {need} "
+        raise UsageError(f"--n {n} is too few: {why}; the smallest --n that works is --n {need}")
+    raise UsageError(f"{what} has {have} samples, fewer than {need}: {why}; give at least {need} "
                        f"(and --n {need} or more)")
 
 
 def parse_args(argv):
-    import train  # for the flag helpers; model files never import this
-    p = train.Parser(prog="metrics.py", description=__doc__.strip().split("\n\n")[0])
+    p = common.Parser(prog="metrics.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--ckpt", default="", help="checkpoint to sample and evaluate (EMA weights where present)")
+    p.add_argument("--model", default="", help="with --ckpt: the model's .py file, where it has moved since "
+                   "training (default: the file the checkpoint names)")
     p.add_argument("--real", default="", help="dataset name or .npy of real images (its train split)")
     p.add_argument("--fake", default="", help=".npy of uint8 samples, or a dataset name (its val split)")
     p.add_argument("--against", default="train", choices=["train", "val"],
@@ -651,28 +650,20 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     args = p.parse_args(argv)
     if bool(args.ckpt) == bool(args.real or args.fake) or bool(args.real) != bool(args.fake):
-        raise MetricsError("give --ckpt, or both --real and --fake")
+        raise UsageError("give --ckpt, or both --real and --fake")
     if args.n < 2 or args.nll_n < 0 or args.k < 1 or args.batch_size < 1 or args.iwae_k < 1:
-        raise MetricsError("--n must be at least 2, --k, --iwae-k and --batch-size positive, --nll-n not negative")
+        raise UsageError("--n must be at least 2, --k, --iwae-k and --batch-size positive, --nll-n not negative")
     if args.temperature is not None and not args.temperature > 0:
-        raise MetricsError("--temperature must be positive")
-    args.device, args.data_dir = train.pick_device(args.device, 0), args.data_dir or ("" if args.ckpt else "data")
+        raise UsageError("--temperature must be positive")
+    args.device, args.data_dir = common.pick_device(args.device), args.data_dir or ("" if args.ckpt else "data")
     return args
 
 
 def draw(model, n, classes, kw, args):
     """n samples of a model (labels cycling through the classes, if it has them), on the
     CPU; images as uint8, what a sample saved as an image would be."""
-    fake = []
-    with torch.no_grad():
-        for i in progress(range(0, n, args.batch_size), "sampling"):
-            b = min(args.batch_size, n - i)
-            y = (torch.arange(i, i + b, device=args.device) % classes) if classes else None
-            try:
-                fake.append(model.sample(b, y=y, **kw).float().cpu())
-            except ValueError as e:
-                raise MetricsError(str(e))
-    fake = torch.cat(fake)
+    fake = common.draw_samples(model, n, classes, args.device, args.batch_size,
+                               wrap=lambda batches: progress(batches, "sampling"), **kw)
     return data.to_uint8(fake) if fake.dim() == 4 else fake
 
 
@@ -691,19 +682,18 @@ def bits_per_dim_row(model, val, args):
 def evaluate_checkpoint(args):
     """(rows, features line, what was compared) for --ckpt: samples of the model against
     its dataset's --against split, and bits/dim where the model has nll."""
-    import train  # checkpoint helpers
-    ckpt = train.load_checkpoint(args.ckpt)
-    module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, args.device, args.ckpt)
+    ckpt = common.load_checkpoint(args.ckpt)
+    module, model, tcfg, mcfg = common.build_from_checkpoint(ckpt, args.device, args.ckpt, args.model)
     model.eval()
     name = ckpt["config"]["data"]["name"]
-    args.data_dir = args.data_dir or tcfg.data_dir
+    args.data_dir = args.data_dir or tcfg.get("data_dir", "data")
     real, splits = load_set(name, args.against, args.data_dir, args.n)
     if splits["train"].info["kind"] == "tokens":
-        raise MetricsError(f"{args.ckpt} is a text model: its bits/byte are in the run's log.jsonl")
+        raise UsageError(f"{args.ckpt} is a text model: its bits/byte are in the run's log.jsonl")
     check_counts({f"{name} {args.against}": len(real), "--n": args.n},
                  splits["train"].info["kind"] == "image", args.k, args.n)
     torch.manual_seed(args.seed)
-    kw = train.sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance,
+    kw = common.sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance,
                               temperature=args.temperature)
     fake = draw(model, args.n, getattr(mcfg, "num_classes", 0) or 0, kw, args)
     train_set = real if args.against == "train" else load_set(name, "train", args.data_dir, args.n)[0]
@@ -741,9 +731,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import train
-    try:
-        sys.exit(main())
-    except (MetricsError, train.UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli(main)

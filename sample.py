@@ -8,21 +8,23 @@ Text models print text; image models write a PNG grid (2D-point models a scatter
 and can save the raw samples as a .npy for metrics.py. The checkpoint names its model,
 config and data, so no other flag is needed to rebuild it.
 """
-import math
+import inspect
 import os
-import sys
 
 import numpy as np
 
 import torch
 
+import common
 import data
-import train
+from common import UsageError, autocast
 
 
 def main(argv=None):
-    p = train.Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
+    p = common.Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="out/gpt/ckpt.pt", help="checkpoint written by train.py (default: %(default)s)")
+    p.add_argument("--model", default="", help="the model's .py file, where it has moved since training "
+                   "(default: the file the checkpoint names)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--num-samples", type=int, default=0, help="how many samples (default: 1 text, 64 images, 2000 points)")
     p.add_argument("--label", type=int, default=None, help="images: class of every sample (default: cycle through the classes)")
@@ -43,38 +45,47 @@ def main(argv=None):
                    help="auto: the dtype the run trained in, where this device computes it natively (default: %(default)s)")
     args = p.parse_args(argv)
     if args.num_samples < 0 or args.max_new_tokens < 0 or args.temperature is not None and not args.temperature >= 0:
-        raise train.UsageError("--num-samples must be positive, --max-new-tokens and --temperature not negative")
+        raise UsageError("--num-samples must be positive, --max-new-tokens and --temperature not negative")
     if args.top_k is not None and args.top_k <= 0 or args.top_p is not None and not 0 < args.top_p <= 1:
-        raise train.UsageError("--top-k must be positive and --top-p in (0, 1]")
+        raise UsageError("--top-k must be positive and --top-p in (0, 1]")
 
-    device = train.pick_device(args.device, 0)
-    ckpt = train.load_checkpoint(args.ckpt)
-    kept = train.trained_dtype(ckpt, device) if args.dtype == "auto" else None
-    dtype = train.pick_dtype(kept or args.dtype, device)
-    module, model, tcfg, mcfg = train.build_from_checkpoint(ckpt, device, args.ckpt)
+    device = common.pick_device(args.device)
+    ckpt = common.load_checkpoint(args.ckpt)
+    kept = common.trained_dtype(ckpt, device) if args.dtype == "auto" else None
+    dtype = common.pick_dtype(kept or args.dtype, device)
+    module, model, tcfg, mcfg = common.build_from_checkpoint(ckpt, device, args.ckpt, args.model)
     model.eval()
     kind = ckpt["config"]["data"].get("kind", "tokens")
     if kind != "tokens":
         return sample_pictures(args, ckpt, model, mcfg, device, dtype, kind)
-    args.num_samples = args.num_samples or 1
-    try:
-        tok = data.get_tokenizer(tcfg.tokenizer)
-    except data.DataError as e:
-        raise train.UsageError(str(e))
+    return sample_text(args, model, tcfg, mcfg, device, dtype)
+
+
+def sample_text(args, model, tcfg, mcfg, device, dtype):
+    if not hasattr(model, "generate"):
+        raise UsageError(f"{args.ckpt}: its model has no generate(), so sample.py cannot continue text with it")
+    tok = data.get_tokenizer(tcfg.get("tokenizer", "bytes"))
     ids = tok.encode(args.prompt)
     if not ids:
-        raise train.UsageError("--prompt encodes to no tokens; give at least one character")
-    if len(ids) > mcfg.block_size:
-        raise train.UsageError(f"--prompt is {len(ids)} tokens, longer than the model's context of "
-                               f"{mcfg.block_size}; shorten it")
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    idx = torch.tensor([ids] * args.num_samples, device=device)
-    temperature = 0.8 if args.temperature is None else args.temperature
-    with train.autocast(device, dtype):
-        out = model.generate(idx, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                             top_p=args.top_p, use_cache=not args.no_cache, generator=g)
+        raise UsageError("--prompt encodes to no tokens; give at least one character")
+    context = getattr(mcfg, "block_size", None)
+    if context is not None and len(ids) > context:
+        raise UsageError(f"--prompt is {len(ids)} tokens, longer than the model's context of {context}; shorten it")
+    # The options given that generate() takes; one it does not take is refused.
+    accepts = inspect.signature(model.generate).parameters
+    kw = dict(temperature=0.8 if args.temperature is None else args.temperature,
+              generator=torch.Generator(device=device).manual_seed(args.seed))
+    for flag, name, v in (("--top-k", "top_k", args.top_k), ("--top-p", "top_p", args.top_p),
+                          ("--no-cache", "use_cache", False if args.no_cache else None)):
+        if v is not None and name not in accepts:
+            raise UsageError(f"{flag}: this model's generate() takes no {name}")
+        if v is not None:
+            kw[name] = v
+    idx = torch.tensor([ids] * (args.num_samples or 1), device=device)
+    with autocast(device, dtype):
+        out = model.generate(idx, args.max_new_tokens, **kw)
     for i, row in enumerate(out.tolist()):
-        if args.num_samples > 1:
+        if len(out) > 1:
             print(f"--- sample {i} ---")
         print(tok.decode(row))
     return 0
@@ -84,26 +95,17 @@ def sample_pictures(args, ckpt, model, mcfg, device, dtype, kind):
     n = args.num_samples or (2000 if kind == "points" else 64)
     classes = getattr(mcfg, "num_classes", 0) or 0
     if args.label is not None and not (classes and 0 <= args.label < classes):
-        raise train.UsageError(f"--label {args.label}: the model has "
-                               f"{f'classes 0..{classes - 1}' if classes else 'no classes'}")
-    y = None
-    if classes:
-        y = torch.full((n,), args.label, device=device) if args.label is not None else torch.arange(n, device=device) % classes
+        raise UsageError(f"--label {args.label}: the model has "
+                         f"{f'classes 0..{classes - 1}' if classes else 'no classes'}")
     import metrics  # for its progress bar
-    kw = train.sampler_kwargs(model, lambda steps: metrics.progress(steps, "sampling"),
-                              steps=args.steps, eta=args.eta, guidance=args.guidance,
-                              temperature=args.temperature)
+    kw = common.sampler_kwargs(model, lambda steps: metrics.progress(steps, "sampling"),
+                               steps=args.steps, eta=args.eta, guidance=args.guidance,
+                               temperature=args.temperature)
     torch.manual_seed(args.seed)
-    try:
-        with torch.no_grad(), train.autocast(device, dtype):
-            x = model.sample(n, y=y, **kw).float().cpu()
-    except ValueError as e:  # e.g. more steps than the model has
-        raise train.UsageError(str(e))
+    with autocast(device, dtype):
+        x = common.draw_samples(model, n, classes, device, label=args.label, **kw)
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "sample.png")
-    if kind == "points":
-        data.save_scatter(x, out, centers=data.POINTS[ckpt["config"]["data"]["name"]][0])
-    else:
-        data.save_grid(x, out, nrow=classes if classes and args.label is None else math.ceil(math.sqrt(n)))
+    data.save_samples(x, out, classes, args.label, points=ckpt["config"]["data"]["name"] if kind == "points" else None)
     print(f"wrote {out}")
     if args.npy:
         np.save(args.npy, (data.to_uint8(x) if x.dim() == 4 else x).numpy())
@@ -112,8 +114,4 @@ def sample_pictures(args, ckpt, model, mcfg, device, dtype, kind):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except train.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli(main)

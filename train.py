@@ -3,16 +3,27 @@
     python train.py --model gpt --preset tiny
     torchrun --standalone --nproc_per_node 2 train.py --model gpt --preset tiny
 
-A model is a module (gpt, diffusion, ...) or a path to a .py file that follows the
-model contract in README.md. Every field of TrainConfig below and of the model's
-Config is a flag (n_layer -> --n-layer); a preset sets several at once; flags given on
-the command line win over the preset, which wins over the defaults.
+A model is a module of this project (gpt, diffusion, vae, gan) or the path of any .py
+file that defines at least (the model contract; README.md has it in full):
 
-The loop, per step: for each player (one for most models; discriminator then
-generator for a GAN), grad_accum micro-batches forward and backward, gradients
-all-reduced once under DDP, unscaled, clipped, one optimizer step, and every gradient
-cleared. While one player steps the others are frozen (requires_grad off), so its
-backward pass computes no gradient for them and never reaches their next step.
+    @dataclass
+    class Config: ...                      # each field a flag (n_layer -> --n-layer),
+                                           # its trailing comment the flag's help
+    class Model(nn.Module):
+        def __init__(self, cfg): ...
+        def forward(self, x, y=None): ...  # -> (loss, {name: value to log})
+        def sample(self, n, y=None): ...   # -> n images in [-1, 1], or 2D points
+
+and may add PRESETS, DATA and the hooks players, parameters_of, forward's player=,
+lr_mult, batch_multiple, a buffer step, reconstruct, interpolate, generate and nll.
+Without them a model is one player, "model", whose optimizer steps every parameter.
+Every field of TrainConfig below and of the model's Config is a flag; a preset sets
+several at once; flags on the command line win over the preset, which wins over the
+defaults.
+
+Reading order: main starts the processes; Trainer.__init__ builds the run (or the run
+it resumes); Trainer.fit is the loop; Trainer.train_step is one optimizer step of
+every player, with its micro-batches, clipping, the non-finite check and the EMA.
 
 Exit codes: 0 done; 2 bad input, or a non-finite loss or gradient (the last good
 checkpoint is kept); 1 another process of a torchrun job was lost; 128 + the signal's
@@ -23,8 +34,6 @@ import contextlib
 import copy
 import dataclasses
 import glob
-import importlib
-import importlib.util
 import inspect
 import json
 import math
@@ -34,13 +43,18 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+import common
 import data
 import optim
+from common import (DTYPES, Fault, Parser, UsageError, add_fields, atomic_write, autocast, cli,
+                    compile_unavailable, draw_samples, dtype_name, fork_rng, forward_kwargs, load_checkpoint,
+                    load_module, load_state, parameters_of, pick_device, pick_dtype, players, presets,
+                    save_checkpoint, strip_prefixes, trained_dtype)
 
 
 @dataclass
@@ -51,27 +65,34 @@ class TrainConfig:
     data_dir: str = "data"          # downloads and token caches
     tokenizer: str = "bytes"        # text only: bytes, or a tiktoken encoding (gpt2, cl100k_base, ...)
     out_dir: str = ""               # checkpoints, logs, samples; default: out/<model>
-    init_from: str = ""             # GPT-2 weights (model.safetensors, pytorch_model.bin or their folder) to fine-tune
+    init_from: str = ""             # GPT-2 weights (model.safetensors, pytorch_model.bin or their folder)
+                                    # to fine-tune
     resume: bool = False            # continue exactly from <out_dir>/ckpt.pt
-    overwrite: bool = False         # start afresh even though <out_dir>/ckpt.pt exists (it will be replaced)
+    overwrite: bool = False         # start afresh even though <out_dir>/ckpt.pt exists (it will be
+                                    # replaced)
     batch_size: int = 32            # examples per micro-batch per process
     grad_accum: int = 1             # micro-batches per optimizer step, per process
     max_iters: int = 2000           # optimizer steps
-    max_time: float = 0.0           # wall-clock budget in seconds (0: none); the run stops, evaluates and saves
+    max_time: float = 0.0           # wall-clock budget in seconds (0: none); the run stops, evaluates and
+                                    # saves
     optimizer: str = "adamw"        # adamw, adam or sgd (from optim.py)
     lr: float = 1e-3                # peak learning rate
     min_lr: float = 1e-4            # floor of the cosine decay
     warmup_iters: int = 100         # linear warmup steps
     lr_decay_iters: int = 0         # step at which the cosine reaches min_lr (0: max_iters)
-    lr_hold: float = 0.0            # share of the schedule after warmup held at the peak lr before the cosine starts, in [0, 1)
+    lr_hold: float = 0.0            # share of the schedule after warmup held at the peak lr before the
+                                    # cosine starts, in [0, 1)
     weight_decay: float = 0.1       # applied to tensors of 2+ dimensions only
     beta1: float = 0.9              # Adam beta1; SGD momentum
     beta2: float = 0.95             # Adam beta2
     grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
-    skip_nonfinite: bool = False    # skip a player's update whose loss or gradient is not finite, counted in the log, rather than stop (one device sync per player and step)
-    ema: float = 0.0                # keep an exponential moving average of the weights with this decay (0: off); sampling, evaluation and metrics use it
+    skip_nonfinite: bool = False    # skip a player's update whose loss or gradient is not finite, counted
+                                    # in the log, rather than stop (one device sync per player and step)
+    ema: float = 0.0                # keep an exponential moving average of the weights with this decay (0:
+                                    # off); sampling, evaluation and metrics use it
     device: str = "auto"            # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"             # auto, bf16, fp16, fp32 (auto: bf16 on CUDA; on a CPU with bf16 units, the faster for this model, timed at the start; else fp32)
+    dtype: str = "auto"             # auto, bf16, fp16, fp32 (auto: bf16 on CUDA; on a CPU with bf16 units,
+                                    # the faster for this model, timed at the start; else fp32)
     compile: bool = False           # torch.compile the model
     seed: int = 1337                # seeds model init, data order and sampling
     eval_interval: int = 250        # evaluate, sample and checkpoint every this many steps
@@ -81,79 +102,7 @@ class TrainConfig:
     sample_images: int = 64         # images: how many to draw into the grid at each evaluation (points: 2000)
 
 
-class UsageError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
-
-
-class Fault(Exception):
-    """A failure outside the user's input (a lost process); printed as one line, exit code 1."""
-
-
-# ---- models and flags -----------------------------------------------------------
-
-def load_module(name):
-    if name.endswith(".py"):
-        if not os.path.isfile(name):
-            raise UsageError(f"--model {name}: no such file")
-        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(name))[0], name)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or \
-                not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")):
-            raise UsageError(f"--model {name}: not a model of this project (gpt, ...) nor a path to a .py file")
-        module = importlib.import_module(name)
-    for attr in ("Config", "Model", "PRESETS"):
-        if not hasattr(module, attr):
-            raise UsageError(f"--model {name}: the module defines no {attr} (see the model contract in README.md)")
-    return module
-
-
-def field_help(cls):
-    """Each field's trailing comment in the source is its --help text."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, flags=re.M))
-
-
-def parse_value(text, typ, default):
-    if typ is bool or isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError
-    if isinstance(default, tuple):
-        return tuple(type(default[0])(v) for v in text.split(",") if v) if default else tuple(text.split(","))
-    return type(default)(text)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, not argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def add_fields(parser, cls, title):
-    group = parser.add_argument_group(title)
-    helps = field_help(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        doc = f"{helps.get(f.name, '')} (default: {f.default})"
-        if isinstance(f.default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=doc)
-        else:
-            def conv(text, f=f):
-                try:
-                    return parse_value(text, f.type, f.default)
-                except ValueError:
-                    raise argparse.ArgumentTypeError(f"invalid value {text!r}")
-            conv.__name__ = type(f.default).__name__
-            group.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS,
-                               metavar=type(f.default).__name__.upper(), help=doc)
-
+# ---- flags ------------------------------------------------------------------------------
 
 def parse_args(argv):
     """-> (model module, TrainConfig, model Config, names set explicitly on the command line)."""
@@ -162,16 +111,17 @@ def parse_args(argv):
     pre.add_argument("--preset", default="")
     known, _ = pre.parse_known_args(argv)
     module = load_module(known.model)
+    named = presets(module)
     parser = Parser(prog="train.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fields(parser, TrainConfig, "training")
-    add_fields(parser, module.Config, f"model ({known.model}); presets: {', '.join(module.PRESETS) or 'none'}")
+    add_fields(parser, module.Config, f"model ({known.model}); presets: {', '.join(named) or 'none'}")
     given = vars(parser.parse_args(argv))
     tcfg, mcfg = TrainConfig(), module.Config()
     if known.preset:
-        if known.preset not in module.PRESETS:
-            raise UsageError(f"--preset {known.preset}: unknown; {known.model} has {', '.join(module.PRESETS)}")
-        apply(tcfg, mcfg, module.PRESETS[known.preset])
+        if known.preset not in named:
+            raise UsageError(f"--preset {known.preset}: unknown; {known.model} has {', '.join(named) or 'none'}")
+        apply(tcfg, mcfg, named[known.preset])
     apply(tcfg, mcfg, given)
     return module, tcfg, mcfg, set(given)
 
@@ -193,7 +143,8 @@ def check(tcfg):
     if tcfg.max_iters < 0 or tcfg.max_time < 0 or tcfg.warmup_iters < 0 or tcfg.grad_clip < 0:
         raise UsageError("--max-iters, --max-time, --warmup-iters and --grad-clip must not be negative")
     if not 0 <= tcfg.lr_hold < 1:
-        raise UsageError(f"--lr-hold {tcfg.lr_hold}: a share of the schedule in [0, 1), e.g. 0.7 (0: cosine from the start)")
+        raise UsageError(f"--lr-hold {tcfg.lr_hold}: a share of the schedule in [0, 1), e.g. 0.7 "
+                         f"(0: cosine from the start)")
     if not 0 <= tcfg.ema < 1:
         raise UsageError(f"--ema {tcfg.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
     if tcfg.optimizer not in ("adamw", "adam", "sgd"):
@@ -202,217 +153,20 @@ def check(tcfg):
         raise UsageError(f"--dtype {tcfg.dtype}: choose auto, bf16, fp16 or fp32")
 
 
-# ---- device, precision, distribution ------------------------------------------------
-
-def pick_device(name, local_rank):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
+def model_name(path):
+    """gpt for gpt, and for experiments/gpt.py."""
+    return os.path.splitext(os.path.basename(path))[0]
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def cpu_has_bf16():
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), as oneDNN sees it."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def pick_dtype(name, device):
-    """--dtype as a torch dtype, auto resolved without timing anything: bf16 on CUDA (fp16
-    where the card has no bf16) and on a CPU with bf16 matrix units (AMX, AVX512-BF16),
-    fp32 on other CPUs, which emulate bf16 ~100x slower than fp32 (an AVX2-only EPYC).
-    train.py refines auto on a bf16 CPU by timing the model (run_dtype)."""
-    cpu_bf16 = device.type == "cpu" and cpu_has_bf16()
-    if name == "auto":
-        if device.type == "cuda":
-            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            name = "bf16" if cpu_bf16 else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise UsageError("--dtype fp16 needs CUDA (its GradScaler); use bf16 or fp32 here")
-    if name == "bf16" and device.type == "cpu" and not cpu_bf16:
-        print("warning: this CPU has no bf16 matrix units (AMX or AVX512-BF16); bf16 runs emulated and "
-              "far slower than fp32 here", file=sys.stderr)
-    return DTYPES[name]
-
-
-def native_dtype(name, device):
-    """Whether this device computes `name` natively (not emulated, not refused)."""
-    if device.type == "cuda":
-        return name != "bf16" or torch.cuda.is_bf16_supported()
-    return name == "fp32" or name == "bf16" and device.type == "cpu" and cpu_has_bf16()
-
-
-def trained_dtype(ckpt, device):
-    """What --dtype auto takes for a checkpoint's model: the dtype its run trained in,
-    where this device computes it natively (None where it does not); "auto" (auto's rule
-    of the time, no race) for a checkpoint from before train.py recorded it."""
-    saved = ckpt["config"].get("dtype")
-    if saved is None:
-        return "auto"
-    return saved if native_dtype(saved, device) else None
-
-
-def race_dtypes(model, split, batch_size, device, seed):
-    """{"fp32": seconds, "bf16": seconds} of one forward and backward of every player on one
-    micro-batch, timed on a copy of the model, so the run's weights, gradients, noise and
-    data stream are untouched: one untimed try of each, then the best of three tries each,
-    alternating (of one when a try takes over a second: a difference that matters is then
-    large against the timer's noise, and the race short against the run)."""
-    trial = copy.deepcopy(model).train()
-    x, y = split.batch(batch_size, torch.Generator().manual_seed(seed))
-    x, y = x.to(device), None if y is None else y.to(device)
-
-    def one_try(name):
-        t = time.perf_counter()
-        for player in dict.fromkeys(trial.players):
-            with autocast(device, DTYPES[name]):
-                loss, _ = trial(x, y, player=player)
-            loss.float().backward()
-            trial.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
-
-    with torch.random.fork_rng(devices=[]):
-        warm = {name: one_try(name) for name in ("fp32", "bf16")}
-        best = dict.fromkeys(warm, math.inf)
-        for _ in range(1 if max(warm.values()) > 1.0 else 3):
-            for name in best:  # in turn: a slow moment of the machine hits both alike
-                best[name] = min(best[name], one_try(name))
-    return best
-
-
-def autocast(device, dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def compile_unavailable(device):
-    """Why torch.compile cannot work here, or None."""
-    import importlib
-    import shutil
-    if not hasattr(torch, "compile"):
-        return "this torch has no torch.compile"
-    try:
-        # (not `import torch._dynamo`: inside a function that makes torch a local name)
-        if not importlib.import_module("torch._dynamo").is_dynamo_supported():
-            return "torch.compile does not support this Python"
-    except Exception as e:
-        return f"torch.compile is unavailable ({type(e).__name__})"
-    if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")) and not shutil.which("c++"):
-        return "no C++ compiler for inductor's CPU kernels (install g++)"
-    return None
-
-
-# ---- checkpoints -------------------------------------------------------------------
-
-def save_checkpoint(obj, path):
-    """Atomic: a crash leaves the old checkpoint or the new one, never half of one."""
-    data.atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no checkpoint there")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a bad file; the user needs one line
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it holds pickled objects beyond tensors and plain data, refused without running them"
-        raise UsageError(f"{path}: not a readable nanogen checkpoint ({reason})")
-    conf = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not (isinstance(conf, dict) and isinstance(ckpt.get("model"), dict) and isinstance(conf.get("model"), str)
-            and isinstance(conf.get("model_config"), dict) and isinstance(conf.get("train_config"), dict)):
-        raise UsageError(f"{path}: not a nanogen checkpoint (no model, or no config of one, inside)")
-    return ckpt
-
-
-def strip_prefixes(state_dict):
-    """State dict keys without the wrappers' prefixes (DDP's module., compile's _orig_mod.)."""
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
-
-
-def build_from_checkpoint(ckpt, device="cpu", path="the checkpoint"):
-    """(module, model, TrainConfig, Config) from a checkpoint, for sample.py and the like.
-    The model carries the EMA weights where the run kept them: those are the ones to use."""
-    try:
-        conf = ckpt["config"]
-        module = load_module(conf["model_path"] if os.path.isfile(conf.get("model_path", "")) else conf["model"])
-        mcfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in conf["model_config"].items()})
-        model = module.Model(mcfg)
-        tcfg = TrainConfig(**{k: v for k, v in conf["train_config"].items() if hasattr(TrainConfig, k)})
-    except UsageError:
-        raise
-    except Exception as e:  # an edited or damaged config: whatever breaks, one line
-        raise UsageError(f"{path}: its config does not make a model ({type(e).__name__}: {str(e)[:120]})")
-    load_state(model, ckpt["ema"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"], conf["model"])
-    return module, model.to(device), tcfg, mcfg
-
-
-def sampler_kwargs(model, progress=None, **given):
-    """The sampler options the user gave (None: not given) that model.sample accepts, plus
-    a progress wrapper where it takes one; an option it does not take is a UsageError."""
-    import inspect
-    accepts = inspect.signature(model.sample).parameters
-    kw = {k: v for k, v in given.items() if v is not None}
-    for k in kw:
-        if k not in accepts:
-            raise UsageError(f"--{k}: this model's sampler takes no {k}")
-    if progress is not None and "progress" in accepts:
-        kw["progress"] = progress
-    return kw
-
-
-def load_state(model, state, name):
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError, ValueError) as e:  # not tensors, or not of this shape
-        first = [l.strip() for l in str(e).splitlines() if l.strip()][1:2]
-        raise UsageError(f"checkpoint does not fit this {name} model: {first[0] if first else e}")
-
-
-def logged_step(line):
-    """The step of a log.jsonl line; infinity for a line that is not a whole record."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError, OverflowError):
-        return math.inf
-
-
-# ---- the loop -------------------------------------------------------------------------
-
-class Stop:
-    """SIGINT/SIGTERM ask the loop to save and exit after the current step."""
-    signum = 0
-
-    @classmethod
-    def handler(cls, signum, frame):
-        cls.signum = signum
-
+# ---- the processes ------------------------------------------------------------------------
 
 def main(argv=None):
     module, tcfg, mcfg, given = parse_args(sys.argv[1:] if argv is None else argv)
     check(tcfg)
-
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(tcfg.device, local_rank)
+    device = pick_device(tcfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     if ddp:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -420,7 +174,7 @@ def main(argv=None):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     clean = False
     try:
-        code = run(module, tcfg, mcfg, given, device, rank, world, ddp)
+        code = Trainer(module, tcfg, mcfg, given, device, rank, world, ddp).fit()
         clean = True
         return code
     except (RuntimeError, dist.DistError) as e:
@@ -445,15 +199,78 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+class Stop:
+    """SIGINT/SIGTERM ask the loop to save and exit after the current step."""
+    signum = 0
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.signum = signum
+
+
+# ---- building a run -------------------------------------------------------------------------
+
+def resume_from(tcfg, mcfg, given, ckpt_path):
+    """The checkpoint to continue (None: a fresh run). Its settings are taken into tcfg
+    and mcfg, except those given again on the command line now; a setting it lacks (one
+    added to the code since) was at its default in that run, whatever a preset says now."""
+    if not tcfg.resume:
+        if os.path.exists(ckpt_path) and not tcfg.overwrite:
+            raise UsageError(f"{ckpt_path} exists: add --resume to continue that run, --overwrite to replace "
+                             f"it, or choose another --out-dir")
+        return None
+    ckpt = load_checkpoint(ckpt_path)
+    conf = ckpt["config"]
+    if model_name(conf["model"]) != model_name(tcfg.model):
+        raise UsageError(f"{ckpt_path} holds a {conf['model']} model, not {tcfg.model}")
+    for cfg, stored in ((tcfg, conf["train_config"]), (mcfg, conf["model_config"])):
+        for f in dataclasses.fields(cfg):
+            if f.name not in stored and f.name not in given and f.default is not dataclasses.MISSING:
+                setattr(cfg, f.name, f.default)
+    for k, v in conf["train_config"].items():
+        if hasattr(tcfg, k) and k not in given:
+            setattr(tcfg, k, v)
+    for k, v in conf["model_config"].items():
+        v = tuple(v) if isinstance(v, list) else v
+        if k in given and hasattr(mcfg, k) and getattr(mcfg, k) != v:
+            raise UsageError(f"--{k.replace('_', '-')} {getattr(mcfg, k)} differs from the checkpoint's {v}; "
+                             f"drop the flag to resume, or train afresh in another --out-dir")
+        if hasattr(mcfg, k):
+            setattr(mcfg, k, v)
+    tcfg.resume = True
+    check(tcfg)
+    return ckpt
+
+
+def gpt2_model(module, tcfg, mcfg, given):
+    """--init-from: the model with GPT-2's weights, whose shape wins over the flags (a
+    flag that contradicts it is an error; --block-size may shorten the context)."""
+    if not hasattr(module.Model, "from_gpt2"):
+        raise UsageError(f"--init-from: {tcfg.model} cannot load GPT-2 weights")
+    if not os.path.exists(tcfg.init_from):
+        raise UsageError(f"--init-from {tcfg.init_from}: no such file or folder")
+    try:
+        model = module.Model.from_gpt2(tcfg.init_from, dropout=getattr(mcfg, "dropout", 0.0))
+    except Exception as e:  # a user's file can fail in many ways; all of them are one line
+        raise UsageError(f"--init-from {tcfg.init_from}: not loadable GPT-2 weights "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+    for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
+        if k in given and getattr(mcfg, k) != getattr(model.cfg, k):
+            raise UsageError(f"--{k.replace('_', '-')} {getattr(mcfg, k)}: the GPT-2 weights have "
+                             f"{getattr(model.cfg, k)}; drop the flag")
+    if "block_size" in given and mcfg.block_size < model.cfg.block_size:
+        model.crop_block_size(mcfg.block_size)
+    return model
+
+
 def load_data(module, tcfg, mcfg, given, pretrained=False):
     """-> (dataset name, splits, info) for this run; fills mcfg's data-dependent fields
     (channels, image_size, num_classes, point_dim, vocab_size) not set on the command line."""
     dataset = tcfg.data or getattr(module, "DATA", "")
-    try:
-        splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir,
-                           block_size=getattr(mcfg, "block_size", 256))
-    except data.DataError as e:
-        raise UsageError(str(e))
+    if not dataset:
+        raise UsageError(f"--model {tcfg.model} names no default dataset (DATA); give --data")
+    splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir,
+                       block_size=getattr(mcfg, "block_size", 256))
     info = splits["train"].info
     need = {"image": "image_size", "points": "point_dim", "tokens": "vocab_size"}.get(info["kind"])
     if need and not hasattr(mcfg, need):  # e.g. diffusion on 2D points: its Config has no point_dim
@@ -472,21 +289,42 @@ def load_data(module, tcfg, mcfg, given, pretrained=False):
     return dataset, splits, info
 
 
-def make_optimizers(model, tcfg):
-    """{player: optimizer}, one per player (a player may be listed more than once: it
-    steps that often), weight decay on matrices and embeddings only."""
-    optimizers = {}
-    for player in dict.fromkeys(model.players):
-        params = list(model.parameters_of(player))
-        ids = {id(p) for p in params}
-        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
-        groups = optim.weight_decay_groups(named, tcfg.weight_decay)
-        if tcfg.optimizer == "sgd":
-            optimizers[player] = optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.beta1)
-        else:
-            cls = optim.AdamW if tcfg.optimizer == "adamw" else optim.Adam
-            optimizers[player] = cls(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
-    return optimizers
+def new_model(module, mcfg, tcfg):
+    """A freshly initialised model, the same on every process (seeded)."""
+    torch.manual_seed(tcfg.seed)
+    try:
+        model = module.Model(mcfg)
+    except ValueError as e:
+        raise UsageError(f"model settings: {e}")
+    return model
+
+
+def race_dtypes(model, split, batch_size, device, seed):
+    """{"fp32": seconds, "bf16": seconds} of one forward and backward of every player on one
+    micro-batch, timed on a copy of the model, so the run's weights, gradients, noise and
+    data stream are untouched: one untimed try of each, then the best of three tries each,
+    alternating (of one when a try takes over a second: a difference that matters is then
+    large against the timer's noise, and the race short against the run)."""
+    trial = copy.deepcopy(model).train()
+    x, y = split.batch(batch_size, torch.Generator().manual_seed(seed))
+    x, y = x.to(device), None if y is None else y.to(device)
+
+    def one_try(name):
+        t = time.perf_counter()
+        for player in dict.fromkeys(players(trial)):
+            with autocast(device, DTYPES[name]):
+                loss, _ = trial(x, y, **forward_kwargs(trial, player))
+            loss.float().backward()
+            trial.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    with torch.random.fork_rng(devices=[]):
+        warm = {name: one_try(name) for name in ("fp32", "bf16")}
+        best = dict.fromkeys(warm, math.inf)
+        for _ in range(1 if max(warm.values()) > 1.0 else 3):
+            for name in best:  # in turn: a slow moment of the machine hits both alike
+                best[name] = min(best[name], one_try(name))
+    return best
 
 
 def run_dtype(tcfg, ckpt, model, split, device, rank, ddp, say):
@@ -504,7 +342,7 @@ def run_dtype(tcfg, ckpt, model, split, device, rank, ddp, say):
             f"compute natively; choosing again")
     if name != "auto" or device.type != "cpu":
         return pick_dtype(name, device), None
-    name = "bf16" if cpu_has_bf16() else "fp32"
+    name = "bf16" if common.cpu_has_bf16() else "fp32"
     if rank == 0 and name == "bf16":
         took = race_dtypes(model, split, tcfg.batch_size, device, tcfg.seed)
         name = min(took, key=took.get)
@@ -517,105 +355,55 @@ def run_dtype(tcfg, ckpt, model, split, device, rank, ddp, say):
     return pick_dtype(name, device), took
 
 
-def run(module, tcfg, mcfg, given, device, rank, world, ddp):
-    master = rank == 0
-    out_dir = tcfg.out_dir or os.path.join("out", os.path.splitext(os.path.basename(tcfg.model))[0])
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    say = print if master else (lambda *a, **k: None)
+def make_optimizers(model, tcfg):
+    """{player: optimizer}, one per player (a player may be listed more than once: it
+    steps that often), weight decay on matrices and embeddings only."""
+    optimizers = {}
+    for player in dict.fromkeys(players(model)):
+        ids = {id(p) for p in parameters_of(model, player)}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+        groups = optim.weight_decay_groups(named, tcfg.weight_decay)
+        if tcfg.optimizer == "sgd":
+            optimizers[player] = optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.beta1)
+        else:
+            cls = optim.AdamW if tcfg.optimizer == "adamw" else optim.Adam
+            optimizers[player] = cls(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    return optimizers
 
-    ckpt = None
-    if tcfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        conf = ckpt["config"]
-        if os.path.splitext(os.path.basename(conf["model"]))[0] != os.path.splitext(os.path.basename(tcfg.model))[0]:
-            raise UsageError(f"{ckpt_path} holds a {conf['model']} model, not {tcfg.model}")
-        # The checkpoint's settings, except those given again on the command line now. A
-        # setting it lacks (one added to the code since) was at its default in that run,
-        # whatever a --preset says now.
-        for cfg, stored in ((tcfg, conf["train_config"]), (mcfg, conf["model_config"])):
-            for f in dataclasses.fields(cfg):
-                if f.name not in stored and f.name not in given and f.default is not dataclasses.MISSING:
-                    setattr(cfg, f.name, f.default)
-        for k, v in conf["train_config"].items():
-            if hasattr(tcfg, k) and k not in given:
-                setattr(tcfg, k, v)
-        for k, v in conf["model_config"].items():
-            v = tuple(v) if isinstance(v, list) else v
-            if k in given and hasattr(mcfg, k) and getattr(mcfg, k) != v:
-                raise UsageError(f"--{k.replace('_', '-')} {getattr(mcfg, k)} differs from the checkpoint's {v}; "
-                                 f"drop the flag to resume, or train afresh in another --out-dir")
-            if hasattr(mcfg, k):
-                setattr(mcfg, k, v)
-        tcfg.resume = True
-        check(tcfg)
-    elif os.path.exists(ckpt_path) and not tcfg.overwrite:
-        raise UsageError(f"{ckpt_path} exists: add --resume to continue that run, --overwrite to replace it, "
-                         f"or choose another --out-dir")
 
-    # GPT-2 weights, when fine-tuning, fix the model's shape before the data is cut to its context.
-    model = None
-    if tcfg.init_from and ckpt is None:
-        if not hasattr(module.Model, "from_gpt2"):
-            raise UsageError(f"--init-from: {tcfg.model} cannot load GPT-2 weights")
-        if not os.path.exists(tcfg.init_from):
-            raise UsageError(f"--init-from {tcfg.init_from}: no such file or folder")
-        try:
-            model = module.Model.from_gpt2(tcfg.init_from, dropout=getattr(mcfg, "dropout", 0.0))
-        except Exception as e:  # a user's file can fail in many ways; all of them are one line
-            raise UsageError(f"--init-from {tcfg.init_from}: not loadable GPT-2 weights "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
-        for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
-            if k in given and getattr(mcfg, k) != getattr(model.cfg, k):
-                raise UsageError(f"--{k.replace('_', '-')} {getattr(mcfg, k)}: the GPT-2 weights have "
-                                 f"{getattr(model.cfg, k)}; drop the flag")
-        if "block_size" in given and mcfg.block_size < model.cfg.block_size:
-            model.crop_block_size(mcfg.block_size)
-        mcfg = model.cfg
+@dataclass
+class Progress:
+    """What changes as the run goes, and what its checkpoint keeps of it."""
+    step: int = 0
+    best_val: float = math.inf
+    horizon: int = 0      # the step at which the cosine reaches --min-lr (re-aimed under --max-time)
+    skipped: int = 0      # updates skipped as non-finite, in this run and the runs it resumed
+    t0: float = 0.0       # time.time() when the run began, less the time of the runs it resumed
 
-    # Then the data: it fills the model's data-dependent fields.
-    dataset, splits, info = load_data(module, tcfg, mcfg, given, pretrained=model is not None)
 
-    if model is None:
-        torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
-        try:
-            model = module.Model(mcfg)
-        except ValueError as e:
-            raise UsageError(f"model settings: {e}")
-    multiple = getattr(model, "batch_multiple", 1)  # e.g. a GAN whose D judges packs of examples
-    if tcfg.batch_size % multiple:
-        raise UsageError(f"--batch-size {tcfg.batch_size}: this model takes micro-batches in multiples "
-                         f"of {multiple}; pick a multiple of {multiple}")
-    model.to(device)
-    dtype, race = run_dtype(tcfg, ckpt, model, splits["train"], device, rank, ddp, say)
-    # The average starts as the initial weights; its decay ramps up as min(ema, (1+step)/(10+step)),
-    # so a short run is not dominated by its random start.
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if tcfg.ema > 0 else None
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+def restore(ckpt, ckpt_path, name, model, ema, optimizers, scaler, stream):
+    """Load a checkpoint's weights, optimizer states and data stream into this run's;
+    -> its Progress."""
+    load_state(model, ckpt["model"], name)
+    if ema is not None:
+        load_state(ema, ckpt["ema"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"], name)
+    try:
+        for player, opt in optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][player])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        stream.set_state(ckpt["data_rng"])
+        return Progress(step=int(ckpt["step"]), best_val=float(ckpt["best_val"]), skipped=ckpt.get("skipped", 0))
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise UsageError(f"{ckpt_path}: cannot resume from it, its training state is incomplete "
+                         f"({type(e).__name__}: {str(e)[:100]}); start afresh with --overwrite")
 
-    optimizers = make_optimizers(model, tcfg)
 
-    # Each step draws one global batch from a stream seeded alike on every rank; rank r's
-    # micro-step m takes slice r*k + m. So the run depends only on the global batch size:
-    # 2 processes x batch 4 = 1 process x 2 micro-batches of 4 = 1 process x batch 8.
-    k = tcfg.grad_accum
-    stream = torch.Generator().manual_seed(tcfg.seed)
-    start_step, best_val = 0, float("inf")
-    if ckpt is not None:
-        load_state(model, ckpt["model"], tcfg.model)
-        if ema is not None:
-            load_state(ema, ckpt["ema"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"], tcfg.model)
-        try:
-            for player, opt in optimizers.items():
-                opt.load_state_dict(ckpt["optimizers"][player])
-            scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
-            start_step, best_val = int(ckpt["step"]), float(ckpt["best_val"])
-            stream.set_state(ckpt["data_rng"])
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
-            raise UsageError(f"{ckpt_path}: cannot resume from it, its training state is incomplete "
-                             f"({type(e).__name__}: {str(e)[:100]}); start afresh with --overwrite")
-        say(f"resumed from {ckpt_path} at step {start_step}")
-
-    raw = model
+def wrap(model, tcfg, device, ddp, say):
+    """The model as the loop calls it: compiled (--compile, where it can be), then in DDP."""
+    # With two players, each forward leaves the other's parameters without gradients
+    # (D's step runs G without a graph): DDP must look for them rather than wait.
+    find_unused = len(set(players(model))) > 1
     if tcfg.compile:
         why = compile_unavailable(device)
         if why:
@@ -623,397 +411,525 @@ def run(module, tcfg, mcfg, given, device, rank, world, ddp):
         else:
             model = torch.compile(model)
     if ddp:
-        # With two players, each forward leaves the other's parameters without gradients
-        # (D's step runs G without a graph): DDP must look for them rather than wait.
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=len(set(raw.players)) > 1)
+            find_unused_parameters=find_unused)
+    return model
 
-    if master:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            # A run killed while saving leaves its temp file (the checkpoint it replaced is intact).
-            for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")):
-                os.remove(stale)
-                say(f"removed {stale}, a file a killed run had not finished writing")
-            keep = []
-            if ckpt is not None and os.path.exists(os.path.join(out_dir, "log.jsonl")):
-                # Lines after the checkpoint's step belong to steps that are about to be redone.
-                # (A line cut short by a kill is dropped too.)
-                with open(os.path.join(out_dir, "log.jsonl"), errors="replace") as f:
-                    keep = [l.rstrip("\n") + "\n" for l in f if logged_step(l) <= ckpt["step"]]
-            data.atomic_write(os.path.join(out_dir, "log.jsonl"), lambda f: f.write("".join(keep).encode()))
-        except OSError as e:
-            raise UsageError(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
 
-    conf = dict(model=os.path.splitext(os.path.basename(tcfg.model))[0],
-                model_path=os.path.abspath(tcfg.model) if tcfg.model.endswith(".py") else "",
-                dtype=next(n for n, d in DTYPES.items() if d == dtype),  # what --dtype auto chose
-                dtype_race=race,  # its timings (seconds), where it raced fp32 and bf16
-                model_config=dataclasses.asdict(mcfg), train_config=dataclasses.asdict(tcfg),
-                data=dict(name=dataset, **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}))
-    n_params = sum(p.numel() for p in raw.parameters())
-    per_step = tcfg.batch_size * k * world
-    unit = {"tokens": "tok", "image": "img", "points": "pt"}.get(info["kind"], "ex")
-    units_per_step = per_step * (info["shape"][0] if unit == "tok" else 1)
-    say(f"{conf['model']}: {n_params / 1e6:.2f}M parameters | data {dataset} ({info['kind']}) | "
-        f"{device} {str(dtype).removeprefix('torch.')} | {world} process(es) x batch {tcfg.batch_size} x "
-        f"accum {k} = {per_step} per step | out {out_dir}")
+def prepare_out_dir(out_dir, ckpt, say):
+    """Create --out-dir, remove the temp files of a run killed while saving (the file it
+    replaced is intact), and keep of log.jsonl only the lines up to the resumed step
+    (the later ones are about to be redone; a line cut short by a kill goes too)."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*")):
+            os.remove(stale)
+            say(f"removed {stale}, a file a killed run had not finished writing")
+        keep = []
+        log = os.path.join(out_dir, "log.jsonl")
+        if ckpt is not None and os.path.exists(log):
+            with open(log, errors="replace") as f:
+                keep = [line.rstrip("\n") + "\n" for line in f if logged_step(line) <= ckpt["step"]]
+        atomic_write(log, lambda f: f.write("".join(keep).encode()))
+    except OSError as e:
+        raise UsageError(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
 
-    def share(X, Y, rows):
-        """This micro-step's rows of a global batch, on the device; Y may be None (no labels)."""
-        return X[rows].to(device, non_blocking=True), None if Y is None else Y[rows].to(device, non_blocking=True)
 
-    def log(record):
-        if master:
-            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+def logged_step(line):
+    """The step of a log.jsonl line; infinity for a line that is not a whole record."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError, OverflowError):
+        return math.inf
 
-    # The cosine ends at --lr-decay-iters (default --max-iters). Under --max-time it ends
-    # when the budget does instead, re-estimated from the measured step time at each log
-    # line, so a 5-minute run is annealed at 5 minutes, not cut off at a high LR.
-    horizon = tcfg.lr_decay_iters or tcfg.max_iters
-    if ckpt is not None and tcfg.max_time and ckpt.get("horizon"):
-        horizon = ckpt["horizon"]
 
-    def lr_at(step):
-        return optim.cosine_lr(step, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_iters=tcfg.warmup_iters,
-                               decay_iters=horizon, hold=tcfg.lr_hold)
+def seed_noise(*where):
+    """Seed the noise a model draws in its forward (dropout, diffusion's t and epsilon,
+    a GAN's z) from where in the run it is, e.g. (seed, step, player, micro-batch): the
+    run then depends only on the global batch, not on the process count, and a resumed
+    run draws exactly what an uninterrupted one would have. (Python's hash of a tuple
+    of ints is the same in every process.)"""
+    torch.manual_seed(hash(where) & 0x7FFF_FFFF_FFFF_FFFF)
 
-    judge = ema if ema is not None else raw  # the weights that are evaluated and sampled
-    names = list(dict.fromkeys(raw.players))  # each player once, in order
-    lr_mult = getattr(raw, "lr_mult", {})  # e.g. a GAN's TTUR: {"discriminator": 2.0}
 
-    ema_pairs = (list(ema.parameters()), list(raw.parameters()), list(zip(ema.buffers(), raw.buffers()))) \
-        if ema is not None else None
+class NonFinite:
+    """The run's first non-finite loss, logged part or gradient norm, found without a
+    device sync in the hot loop: record() folds each check into one tensor on the device;
+    seen() reads it only where the loop waits anyway (log lines, evaluations, a signal).
+    The tensor holds step * SLOTS + the value's label's slot (NEVER: none yet), a number
+    ordered as (step, slot) are, so the earliest over the processes is one MIN."""
+    SLOTS = 1024  # labels a run can name
+    NEVER = 2 ** 62
 
-    @torch.no_grad()
-    def update_ema(step):
-        d = min(tcfg.ema, (1 + step) / (10 + step))
-        torch._foreach_lerp_(ema_pairs[0], ema_pairs[1], 1 - d)
-        for e, b in ema_pairs[2]:
-            e.copy_(b)
+    def __init__(self, device):
+        self.device = device
+        self.first = torch.full((), self.NEVER, dtype=torch.long, device=device)
+        self.slots = {}  # label ("loss", "discriminator gradient", ...) -> its slot, in order of first check
+        self.on_device = {}  # a tuple of labels -> their slots, as a tensor on the device
+        self.found = self.NEVER  # what seen() read last
 
-    def seed_noise(*where):
-        """Seed the noise a model draws in its forward (dropout, diffusion's t and epsilon,
-        a GAN's z) from where in the run it is, e.g. (step, player, micro-batch): the run
-        then depends only on the global batch, not on the process count, and a resumed
-        run draws exactly what an uninterrupted one would have. (Python's hash of a tuple
-        of ints is the same in every process.)"""
-        torch.manual_seed(hash((tcfg.seed,) + where) & 0x7FFF_FFFF_FFFF_FFFF)
+    def record(self, step, labels, finite):
+        """finite: a bool tensor, one per label; the first False, if none came before, is kept."""
+        if labels not in self.on_device:
+            slots = [self.slots.setdefault(label, len(self.slots)) for label in labels]
+            self.on_device[labels] = torch.tensor(slots, device=self.device)
+        slot = self.on_device[labels][(~finite).int().argmax()]
+        self.first = torch.where((self.first == self.NEVER) & ~finite.all(), step * self.SLOTS + slot, self.first)
 
-    @torch.no_grad()
-    def evaluate():
-        """{split: {player: mean loss}} on fixed batches with fixed noise, the same at every
-        evaluation and for any process count; the training noise is untouched (forked RNG)."""
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            judge.eval()
-            out = {}
-            for split in ("train", "val"):
-                g = torch.Generator().manual_seed(tcfg.seed * 7919 + (split == "val"))
-                total = torch.zeros(len(names), device=device)
-                for i in range(tcfg.eval_iters):  # global batches, sliced as in training
-                    X, Y = splits[split].batch(tcfg.batch_size * k * world, g)
-                    for m in range(k):
-                        rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
-                        for j, player in enumerate(names):
-                            seed_noise(-1, split == "val", i, j, rank * k + m)
-                            with autocast(device, dtype):
-                                loss, _ = judge(*share(X, Y, rows), player=player)
-                            total[j] += loss.float() / k
-                if ddp:
-                    dist.all_reduce(total)
-                out[split] = dict(zip(names, (total / (tcfg.eval_iters * world)).tolist()))
-            raw.train()
-            if ema is not None:
-                ema.eval()
-        return out
-
-    def write_samples(step):
-        if not master:
-            return
-        if info["kind"] != "tokens":
-            return write_picture(step)
-        tok = data.get_tokenizer(tcfg.tokenizer)
-        prompt = [tok.eot] if tok.eot is not None else tok.encode("\n")
-        g = torch.Generator(device=device).manual_seed(tcfg.seed + step)
-        judge.eval()
-        with autocast(device, dtype):
-            ids = judge.generate(torch.tensor([prompt], device=device), tcfg.sample_tokens,
-                               temperature=0.8, top_k=200, generator=g)
-        raw.train()
-        text = tok.decode(ids[0, len(prompt):].tolist())
-        with open(os.path.join(out_dir, "samples.txt"), "a") as f:
-            f.write(f"=== step {step} ===\n{text}\n")
-        say("-" * 60 + "\n" + text[:400] + "\n" + "-" * 60)
-
-    def write_picture(step):
-        """Images: a grid, one column per class for a model with classes. Points: a scatter
-        over the true modes. Written to <out_dir>/samples-<step>.png and samples.png. A model
-        that can reconstruct (VAE) also gets reconstructions.png (rows of inputs, each above
-        its reconstructions) and interpolations.png (a row from one val image to another)."""
-        n = 2000 if info["kind"] == "points" else tcfg.sample_images
-        classes = getattr(mcfg, "num_classes", 0) or 0
-        y = (torch.arange(n, device=device) % classes) if classes else None
-        # Seeded per step, inside a fork of the RNG: the training noise after this point is
-        # the same whether or not pictures were drawn, so a resumed run stays exact.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(tcfg.seed + step)
-            judge.eval()
-            with autocast(device, dtype):
-                x = judge.sample(n, y=y)
-                pairs = None
-                rows = min(4, len(splits["val"].images) // 10) if info["kind"] == "image" else 0
-                if rows and hasattr(judge, "reconstruct"):
-                    real = splits["val"].images[:10 * rows].to(device).float().div(127.5).sub(1)
-                    shape = (rows, 10, *real.shape[1:])
-                    pairs = torch.stack([real.view(shape), judge.reconstruct(real).view(shape)], 1)
-                    line = judge.interpolate(real[:5], real[5:10], 10) if hasattr(judge, "interpolate") else None
-            raw.train()
-            if ema is not None:
-                ema.eval()
-        path = os.path.join(out_dir, f"samples-{step:06d}.png")
-        if info["kind"] == "points":
-            split = splits["train"]
-            data.save_scatter(x, path, centers=split.centers, radius=3 * split.std)
-        else:
-            data.save_grid(x, path, nrow=classes if classes else int(math.ceil(math.sqrt(n))))
-            if pairs is not None:
-                data.save_grid(pairs.flatten(0, 2), os.path.join(out_dir, "reconstructions.png"), nrow=10)
-                if line is not None:
-                    data.save_grid(line.flatten(0, 1), os.path.join(out_dir, "interpolations.png"), nrow=10)
-        shutil.copyfile(path, os.path.join(out_dir, "samples.png"))
-        say(f"samples: {path}")
-
-    def checkpoint(step, evaluated, path=ckpt_path):
-        # No RNG states: the noise of every micro-batch is seeded from its place in the run
-        # (see the loop), so a resumed run draws what an uninterrupted one would have.
-        if master:
-            save_checkpoint(dict(model=strip_prefixes(raw.state_dict()),
-                                 ema=strip_prefixes(ema.state_dict()) if ema is not None else None,
-                                 optimizers={p: o.state_dict() for p, o in optimizers.items()},
-                                 scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                                 step=step, best_val=best_val, config=conf,
-                                 data_rng=stream.get_state(), horizon=horizon, evaluated=evaluated, skipped=skipped,
-                                 elapsed=time.time() - t0), path)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, Stop.handler)
-    Stop.signum = 0
-    # The first non-finite value, as step * 1024 + its index in `checked` (NONE: none yet),
-    # kept on the device so the hot loop never syncs; read at log and evaluation time.
-    NONE = 2 ** 62
-    bad_at = torch.full((), NONE, dtype=torch.long, device=device)
-    bad, checked, where = NONE, {}, {}
-    trainable = {id(p) for p in raw.parameters() if p.requires_grad}  # a model may freeze some on purpose
-    own = {player: {id(p) for p in raw.parameters_of(player)} & trainable for player in names}
-    skipped = ckpt.get("skipped", 0) if ckpt is not None else 0
-
-    def any_bad():
-        """Whether any rank saw a non-finite value; every rank must take the same branch."""
-        nonlocal bad
-        first = bad_at.clone()
-        if ddp:  # the earliest over the ranks
+    def seen(self, ddp):
+        """Whether any process has recorded one; a collective under DDP, so every process
+        calls it at the same place and takes the same branch."""
+        first = self.first.clone()
+        if ddp:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        bad = int(first.item())
-        return bad < NONE
+        self.found = int(first.item())
+        return self.found < self.NEVER
 
-    # Running sums of what the log shows (each player's loss and its model's parts) and
-    # how many steps each holds (a skipped update adds nothing).
-    sums, counts, loss_n = {}, {}, 0
-    data_s = 0.0  # seconds the host spent drawing batches and moving them to the device
+    def error(self, ckpt_path):
+        step, slot = divmod(self.found, self.SLOTS)
+        label = next(name for name, s in self.slots.items() if s == slot)
+        return UsageError(f"{label} is not finite at step {step}; stopped, the last good checkpoint "
+                          f"{ckpt_path} is kept (lower --lr, try --dtype fp32, or --skip-nonfinite to skip "
+                          f"such updates)")
 
-    def tally(player, loss, parts, into):
-        """Add a micro-batch's loss and logged parts (tensors, no device sync) to `into`."""
-        tag = "" if len(names) == 1 else f"_{player}"
-        for key, v in {**parts, "loss": loss}.items():  # parts first: the most specific name for a fault
-            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
-            into[key + tag] = into.get(key + tag, 0) + v / (k * raw.players.count(player))
 
-    t0 = t_log = time.time()
-    if ckpt is not None and "max_time" not in given:  # the budget is the whole run's, not this process's
-        t0 -= ckpt.get("elapsed", 0.0)
-    t_train = None  # when the first evaluation ended: the step rate is measured from there
-    step, stop_reason = start_step, None
+@dataclass
+class Meter:
+    """What the next log line shows, gathered since the last one: each player's loss and
+    logged parts summed on the device (no sync), how many steps each sum holds (a skipped
+    update adds nothing), and the seconds spent drawing batches and moving them to the device."""
+    since: float = field(default_factory=time.time)
+    sums: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    steps: int = 0
+    data_s: float = 0.0
 
-    while True:
-        last = step >= tcfg.max_iters or stop_reason is not None
-        if (step % tcfg.eval_interval == 0 or last) and not (ckpt is not None and step == start_step
-                                                              and ckpt.get("evaluated", True)):
-            if any_bad():
+    def add(self, values, count):
+        for key, v in values.items():
+            self.sums[key] = self.sums.get(key, 0) + v
+            self.counts[key] = self.counts.get(key, 0) + count
+
+
+def stop_vote(signum, over_time, end_step, ddp, device):
+    """(signal, over --max-time, estimated end step) as every process sees them, agreed in
+    one all-reduce so that no process waits on another forever: the MAX of the signal
+    numbers, of the over-time flags, and of the negated end estimates (a MAX of the
+    negation is the MIN: every process takes the earliest end)."""
+    vote = torch.tensor([signum, over_time, -end_step], dtype=torch.float32, device=device)
+    if ddp:
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    signum, over_time, neg_end = vote.tolist()  # one device read for all three
+    return int(signum), over_time > 0, -neg_end
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run: __init__ builds it from the flags (or from the checkpoint it
+    resumes), fit() trains it."""
+
+    def __init__(self, module, tcfg, mcfg, given, device, rank, world, ddp):
+        self.tcfg, self.device, self.rank, self.world, self.ddp = tcfg, device, rank, world, ddp
+        self.master, self.k = rank == 0, tcfg.grad_accum
+        self.say = print if self.master else (lambda *a, **kw: None)
+        self.out_dir = tcfg.out_dir or os.path.join("out", model_name(tcfg.model))
+        self.ckpt_path = os.path.join(self.out_dir, "ckpt.pt")
+        self.ckpt = ckpt = resume_from(tcfg, mcfg, given, self.ckpt_path)
+        # GPT-2 weights, when fine-tuning, fix the model's shape before the data is cut to its context.
+        pretrained = gpt2_model(module, tcfg, mcfg, given) if tcfg.init_from and ckpt is None else None
+        self.mcfg = mcfg = pretrained.cfg if pretrained is not None else mcfg
+        self.dataset, self.splits, self.info = load_data(module, tcfg, mcfg, given, pretrained is not None)
+        raw = self.raw = (pretrained if pretrained is not None else new_model(module, mcfg, tcfg)).to(device)
+        multiple = getattr(raw, "batch_multiple", 1)  # e.g. a GAN whose D judges packs of examples
+        if tcfg.batch_size % multiple:
+            raise UsageError(f"--batch-size {tcfg.batch_size}: this model takes micro-batches in multiples "
+                             f"of {multiple}; pick a multiple of {multiple}")
+        self.dtype, race = run_dtype(tcfg, ckpt, raw, self.splits["train"], device, rank, ddp, self.say)
+        # The average starts as the initial weights (see update_ema).
+        self.ema = copy.deepcopy(raw).requires_grad_(False).eval() if tcfg.ema > 0 else None
+        self.judge = self.ema if self.ema is not None else raw  # the weights evaluated and sampled
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.optimizers = make_optimizers(raw, tcfg)
+        # Each step draws one global batch from a stream seeded alike on every process; process
+        # r's micro-step m takes slice r*k + m. So the run depends only on the global batch size:
+        # 2 processes x batch 4 = 1 process x 2 micro-batches of 4 = 1 process x batch 8.
+        self.stream = torch.Generator().manual_seed(tcfg.seed)
+        self.progress = Progress() if ckpt is None else restore(
+            ckpt, self.ckpt_path, tcfg.model, raw, self.ema, self.optimizers, self.scaler, self.stream)
+        # The cosine ends at --lr-decay-iters (default --max-iters); under --max-time, where the
+        # budget ends instead (re-aimed at each log line), so a run is annealed when it stops.
+        self.progress.horizon = tcfg.lr_decay_iters or tcfg.max_iters
+        if ckpt is not None and tcfg.max_time and ckpt.get("horizon"):
+            self.progress.horizon = ckpt["horizon"]
+        if ckpt is not None:
+            self.say(f"resumed from {self.ckpt_path} at step {self.progress.step}")
+        self.model = wrap(raw, tcfg, device, ddp, self.say)
+        if self.master:
+            prepare_out_dir(self.out_dir, ckpt, self.say)
+        self.conf = dict(model=model_name(tcfg.model),
+                         model_path=os.path.abspath(tcfg.model) if tcfg.model.endswith(".py") else "",
+                         dtype=dtype_name(self.dtype), dtype_race=race,  # what --dtype auto chose, and its timings
+                         model_config=dataclasses.asdict(mcfg), train_config=dataclasses.asdict(tcfg),
+                         data=dict(name=self.dataset, **{k: v for k, v in self.info.items()
+                                                         if isinstance(v, (int, float, str))}))
+        self.setup_players()
+        self.unit = {"tokens": "tok", "image": "img", "points": "pt"}.get(self.info["kind"], "ex")
+        self.units_per_step = tcfg.batch_size * self.k * world * (self.info["shape"][0] if self.unit == "tok" else 1)
+        self.nonfinite = NonFinite(device)
+        self.meter, self.rate_from = Meter(), None  # rate_from: (time, step) after the first step of fit()
+        self.announce()
+        # The time budget is the whole run's, not this process's, unless given anew.
+        self.progress.t0 = time.time() - (ckpt.get("elapsed", 0.0) if ckpt and "max_time" not in given else 0)
+
+    def setup_players(self):
+        """Each player's parameters, optimizer settings and forward arguments, looked up once."""
+        raw = self.raw
+        self.players = players(raw)  # in order of stepping, a name repeated steps again
+        self.names = list(dict.fromkeys(self.players))  # each once
+        self.lr_mult = getattr(raw, "lr_mult", {})  # e.g. a GAN's TTUR: {"discriminator": 2.0}
+        self.params = {p: parameters_of(raw, p) for p in self.names}
+        self.forward_kw = {p: forward_kwargs(raw, p) for p in self.names}
+        self.trainable = {id(p) for p in raw.parameters() if p.requires_grad}  # a model may freeze some
+        self.own = {p: {id(q) for q in self.params[p]} & self.trainable for p in self.names}
+        if self.ema is not None:
+            self.ema_pairs = (list(self.ema.parameters()), list(raw.parameters()),
+                              list(zip(self.ema.buffers(), raw.buffers())))
+
+    def announce(self):
+        tcfg, info = self.tcfg, self.info
+        per_step = tcfg.batch_size * self.k * self.world
+        n_params = sum(p.numel() for p in self.raw.parameters())
+        self.say(f"{self.conf['model']}: {n_params / 1e6:.2f}M parameters | data {self.dataset} ({info['kind']}) "
+                 f"| {self.device} {str(self.dtype).removeprefix('torch.')} | {self.world} process(es) x batch "
+                 f"{tcfg.batch_size} x accum {self.k} = {per_step} per step | out {self.out_dir}")
+        if info["kind"] == "tokens" and not hasattr(self.judge, "generate"):
+            self.say("(the model has no generate(): no text samples at evaluations)")
+
+    def fit(self):
+        """The loop: evaluate and save every --eval-interval steps, log every --log-interval,
+        until --max-iters, the --max-time budget, or a signal. -> the exit code."""
+        tcfg, p = self.tcfg, self.progress
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, Stop.handler)
+        Stop.signum = 0
+        start, timed_out = p.step, False
+        self.meter, self.rate_from = Meter(), None
+        while True:
+            last = p.step >= tcfg.max_iters or timed_out
+            evaluated_at_resume = self.ckpt is not None and p.step == start and self.ckpt.get("evaluated", True)
+            if (p.step % tcfg.eval_interval == 0 or last) and not evaluated_at_resume:
+                if self.nonfinite.seen(self.ddp):
+                    break
+                self.evaluate_and_save()
+            if last:
                 break
-            losses = evaluate()
-            rec = dict(step=step, time=time.time() - t0)
-            for split in ("train", "val"):
-                rec.update({f"{split}_loss" + (f"_{p}" if len(names) > 1 else ""): v for p, v in losses[split].items()})
-            if "bytes_per_token" in info:
-                rec["val_bpb"] = rec["val_loss"] / math.log(2) / info["bytes_per_token"]
-            say(f"eval step {step}: " + " | ".join(f"{key.replace('_loss', '')} {v:.4f}" for key, v in rec.items()
-                                                    if "_loss" in key)
-                + (f" | val {rec['val_bpb']:.3f} bits/byte" if "val_bpb" in rec else ""))
-            log(rec)
-            # The best validation loss means something for one player; a GAN's players' losses
-            # rise and fall against each other, so a GAN keeps no best.pt.
-            improved = len(names) == 1 and rec["val_loss"] < best_val
-            best_val = min(best_val, rec["val_loss"]) if improved else best_val
-            if step > 0:
-                checkpoint(step, evaluated=True)
-                if improved and master:
-                    # A hard link renamed into place: best.pt is whole or absent, and costs no copy.
-                    best = os.path.join(out_dir, "best.pt")
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(best + ".tmp")
-                    os.link(ckpt_path, best + ".tmp")
-                    os.replace(best + ".tmp", best)
-            write_samples(step)
-        if last:
-            break
+            lr = optim.cosine_lr(p.step, lr=tcfg.lr, min_lr=tcfg.min_lr, warmup_iters=tcfg.warmup_iters,
+                                 decay_iters=p.horizon, hold=tcfg.lr_hold)
+            self.train_step(lr)
+            if self.rate_from is None:
+                self.rate_from = (time.time(), p.step)
+            if p.step % tcfg.log_interval == 0 or p.step == tcfg.max_iters:
+                if self.nonfinite.seen(self.ddp):
+                    break
+                self.log_line(lr)
+                signum, over_time = self.agree_to_stop()  # stop decisions are taken together, here
+            elif not self.ddp:  # one process: nobody to agree with, so look every step
+                signum, over_time = Stop.signum, bool(tcfg.max_time and self.elapsed() > tcfg.max_time)
+            else:
+                signum, over_time = 0, False
+            if signum:
+                if self.nonfinite.seen(self.ddp):  # never save weights a non-finite step has touched
+                    break
+                self.save(evaluated=False)
+                self.say(f"stopped by signal {signum} at step {p.step}; saved {self.ckpt_path} "
+                         f"(resume with --resume)")
+                return 128 + signum
+            if over_time and not timed_out:
+                timed_out = True
+                self.say(f"--max-time {tcfg.max_time:g}s reached at step {p.step}")
+        if self.nonfinite.found < NonFinite.NEVER:
+            raise self.nonfinite.error(self.ckpt_path)
+        return 0
 
-        lr = lr_at(step)
-        if isinstance(getattr(raw, "step", None), torch.Tensor):  # a schedule inside a model: the VAE's KL warm-up
-            raw.step.fill_(step)
-        for i, player in enumerate(raw.players):
-            opt = optimizers[player]
+    def train_step(self, lr):
+        """One optimizer step of every player in turn. While one player steps the others are
+        frozen (requires_grad off), so its backward pass computes no gradient for them:
+        the generator's goes through D to its input without D's weight gradients (a third
+        of D's backward pass), and nothing of it reaches D's next step."""
+        tcfg, p, k, raw, scaler = self.tcfg, self.progress, self.k, self.raw, self.scaler
+        if isinstance(getattr(raw, "step", None), torch.Tensor):  # a schedule in a model: the VAE's KL warm-up
+            raw.step.fill_(p.step)
+        for i, player in enumerate(self.players):
+            opt, repeats = self.optimizers[player], self.players.count(player)
             for group in opt.param_groups:
-                group["lr"] = lr * lr_mult.get(player, 1.0)
-            if len(names) > 1:
-                # Freeze the other players: the generator's backward pass then goes through
-                # D to its input without computing D's weight gradients, which it would
-                # throw away (a third of D's backward pass).
-                for p in raw.parameters():
-                    p.requires_grad_(id(p) in own[player])
-            t_data = time.perf_counter()
-            X, Y = splits["train"].batch(tcfg.batch_size * k * world, stream)
-            data_s += time.perf_counter() - t_data
-            now = {}  # this step's loss and parts, for this player
+                group["lr"] = lr * self.lr_mult.get(player, 1.0)
+            self.freeze_all_but(player)
+            t = time.perf_counter()
+            X, Y = self.splits["train"].batch(tcfg.batch_size * k * self.world, self.stream)
+            self.meter.data_s += time.perf_counter() - t
+            now = {}  # this step's loss and logged parts for this player, on the device
             for m in range(k):
-                rows = slice((rank * k + m) * tcfg.batch_size, (rank * k + m + 1) * tcfg.batch_size)
-                t_data = time.perf_counter()
-                x, y = share(X, Y, rows)
-                data_s += time.perf_counter() - t_data
-                seed_noise(step, i, rank * k + m)
-                # All-reduce gradients only on the last micro-step.
-                sync = contextlib.nullcontext() if (not ddp or m == k - 1) else model.no_sync()
-                with sync:
-                    with autocast(device, dtype):
-                        loss, parts = model(x, y, player=player)
+                t = time.perf_counter()
+                x, y = self.micro_batch(X, Y, m)
+                self.meter.data_s += time.perf_counter() - t
+                seed_noise(tcfg.seed, p.step, i, self.rank * k + m)
+                # Gradients are all-reduced on the last micro-batch only.
+                with self.model.no_sync() if self.ddp and m < k - 1 else contextlib.nullcontext():
+                    with autocast(self.device, self.dtype):
+                        loss, parts = self.model(x, y, **self.forward_kw[player])
                     scaler.scale(loss / k).backward()
-                tally(player, loss, parts, now)
+                self.tally(now, player, {**parts, "loss": loss}, k * repeats)
             # The gradient norm (the clip's, when clipping) is checked along with the loss.
             # Under fp16 the GradScaler owns non-finite gradients: it skips those steps.
             norm = None
             if tcfg.grad_clip > 0:
                 scaler.unscale_(opt)
-                norm = optim.clip_grad_norm_(raw.parameters_of(player), tcfg.grad_clip)
+                norm = optim.clip_grad_norm_(self.params[player], tcfg.grad_clip)
             elif not scaler.is_enabled():
-                norm = optim.grad_norm(raw.parameters_of(player))
-            values = [*now.values()] + ([norm.to(device)] if not scaler.is_enabled() else [])
-            if (player, *now) not in where:  # each value's index in `checked`, named once
-                prefix = "" if len(names) == 1 else f"{player} "
-                labels = [prefix + key.removesuffix(f"_{player}") for key in now] + [prefix + "gradient"]
-                where[(player, *now)] = torch.tensor([checked.setdefault(label, len(checked))
-                                                      for label in labels[:len(values)]], device=device)
-            finite = torch.isfinite(torch.stack(values))
-            first = where[(player, *now)][(~finite).int().argmax()]
-            if tcfg.skip_nonfinite:
-                ok = finite.all().float()
-                if ddp:  # every rank skips, or none
-                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-                if not ok.item():
-                    skipped += 1
-                    if tcfg.grad_clip > 0 and scaler.is_enabled():
-                        scaler.update()  # after unscale_, or the next unscale_ of this optimizer fails
-                    raw.zero_grad(set_to_none=True)
-                    continue
-            else:
-                bad_at = torch.where((bad_at == NONE) & ~finite.all(), step * 1024 + first, bad_at)
-            for key, v in now.items():
-                sums[key] = sums.get(key, 0) + v
-                counts[key] = counts.get(key, 0) + 1 / raw.players.count(player)
+                norm = optim.grad_norm(self.params[player])
+            labels, finite = self.check_finite(player, now, None if scaler.is_enabled() else norm)
+            if tcfg.skip_nonfinite and not self.all_finite(finite):  # one device sync per player and step
+                p.skipped += 1
+                if tcfg.grad_clip > 0 and scaler.is_enabled():
+                    scaler.update()  # after unscale_, or the next unscale_ of this optimizer fails
+                raw.zero_grad(set_to_none=True)
+                continue
+            if not tcfg.skip_nonfinite:
+                self.nonfinite.record(p.step, labels, finite)
+            self.meter.add(now, 1 / repeats)  # a player stepping twice a step: each half a step's worth
             scaler.step(opt)
             scaler.update()
             raw.zero_grad(set_to_none=True)
-        if len(names) > 1:
-            for p in raw.parameters():
-                p.requires_grad_(id(p) in trainable)
-        loss_n += 1
-        step += 1
-        if ema is not None:
-            update_ema(step)
+        self.freeze_all_but(None)
+        p.step += 1
+        self.meter.steps += 1
+        if self.ema is not None:
+            self.update_ema()
 
-        if t_train is None:
-            t_train, step_train = time.time(), step
-        if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
-            if any_bad():
-                break
-            shown = torch.stack(list(sums.values())) if sums else torch.zeros(0, device=device)
-            if ddp:  # the logged loss is the global batch's, not rank 0's share
-                dist.all_reduce(shown)
-                shown /= world
-            dt = time.time() - t_log
-            t_log = time.time()
-            losses = {key: v / counts[key] for key, v in zip(sums, shown.tolist())}
-            if tcfg.skip_nonfinite:
-                losses["skipped"] = skipped  # updates skipped so far, this run and the ones it resumed
-            speed = loss_n * units_per_step / dt
-            eta = (tcfg.max_iters - step) * dt / loss_n
-            if tcfg.max_time:
-                eta = min(eta, max(0.0, tcfg.max_time - (time.time() - t0)))
-            rate_text = f"{speed / 1e3:.1f}k" if speed >= 1e4 else f"{speed:.0f}"
-            shown_text = (f"{key.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else f"{key} {v}"
+    def micro_batch(self, X, Y, m):
+        """Micro-step m's rows of a global batch, on the device; Y may be None (no labels)."""
+        b, at = self.tcfg.batch_size, self.rank * self.k + m
+        rows = slice(at * b, (at + 1) * b)
+        x = X[rows].to(self.device, non_blocking=True)
+        return x, None if Y is None else Y[rows].to(self.device, non_blocking=True)
+
+    def tally(self, into, player, values, parts):
+        """Add a micro-batch's loss and logged parts (tensors: no device sync), each divided by
+        the parts a step's value is made of (micro-batches x the player's repeats)."""
+        tag = "" if len(self.names) == 1 else f"_{player}"
+        for key, v in values.items():  # parts first: the most specific name for a fault
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
+            into[key + tag] = into.get(key + tag, 0) + v / parts
+
+    def check_finite(self, player, now, norm):
+        """(labels, a bool tensor of which of this step's loss, parts and gradient norm are finite)."""
+        prefix, tag = ("", "") if len(self.names) == 1 else (f"{player} ", f"_{player}")
+        labels = tuple(prefix + key.removesuffix(tag) for key in now)
+        labels += (prefix + "gradient",) if norm is not None else ()
+        values = [*now.values()] + ([norm.to(self.device)] if norm is not None else [])
+        return labels, torch.isfinite(torch.stack(values))
+
+    def all_finite(self, finite):
+        """--skip-nonfinite: whether every process's values are finite (every process skips, or none)."""
+        ok = finite.all().float()
+        if self.ddp:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def freeze_all_but(self, player):
+        """With several players, only `player`'s parameters require gradients (None: all
+        that the model trains)."""
+        if len(self.names) > 1:
+            keep = self.trainable if player is None else self.own[player]
+            for q in self.raw.parameters():
+                q.requires_grad_(id(q) in keep)
+
+    @torch.no_grad()
+    def update_ema(self):
+        """The average's decay ramps up as min(--ema, (1+step)/(10+step)), so a short run is
+        not dominated by its random start; buffers are copied."""
+        step = self.progress.step
+        decay = min(self.tcfg.ema, (1 + step) / (10 + step))
+        ema_params, params, buffers = self.ema_pairs
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+        for e, b in buffers:
+            e.copy_(b)
+
+    def elapsed(self):
+        return time.time() - self.progress.t0
+
+    def log(self, record):
+        if self.master:
+            with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log_line(self, lr):
+        """The console and log.jsonl line of the steps since the last: the global batch's
+        mean losses (one all-reduce), the speed, the ETA."""
+        tcfg, p, meter = self.tcfg, self.progress, self.meter
+        shown = torch.stack(list(meter.sums.values())) if meter.sums else torch.zeros(0, device=self.device)
+        if self.ddp:  # the logged loss is the global batch's, not rank 0's share
+            dist.all_reduce(shown)
+            shown /= self.world
+        now = time.time()
+        dt = now - meter.since
+        losses = {key: v / meter.counts[key] for key, v in zip(meter.sums, shown.tolist())}
+        if tcfg.skip_nonfinite:
+            losses["skipped"] = p.skipped  # updates skipped so far, this run and the ones it resumed
+        speed = meter.steps * self.units_per_step / dt
+        eta = (tcfg.max_iters - p.step) * dt / meter.steps
+        if tcfg.max_time:
+            eta = min(eta, max(0.0, tcfg.max_time - self.elapsed()))
+        rate = f"{speed / 1e3:.1f}k" if speed >= 1e4 else f"{speed:.0f}"
+        text = " | ".join(f"{key.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else f"{key} {v}"
                           for key, v in losses.items())
-            say(f"step {step} | " + " | ".join(shown_text) + f" | lr {lr:.2e} | {rate_text} {unit}/s | ETA {eta / 60:.1f}m")
-            log(dict(step=step, **losses, lr=lr, **{f"{unit}_per_s": speed}, data_share=data_s / dt,
-                     time=time.time() - t0))
-            sums, counts, loss_n, data_s = {}, {}, 0, 0.0
-            # Stop decisions are taken together, here, so no rank waits on another forever.
-            elapsed = time.time() - t0
-            rate = (step - step_train) / max(time.time() - t_train, 1e-9)  # steps/s, evals included
-            steps_left = (tcfg.max_time - elapsed) * rate if step > step_train else 1e12  # no rate yet
-            stop = torch.tensor([Stop.signum, tcfg.max_time > 0 and elapsed > tcfg.max_time,
-                                 -(step + steps_left)], dtype=torch.float32, device=device)
-            if ddp:  # MAX of the negated estimate: every rank takes the same, earliest end
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            signum, timed_out, neg_end = stop.tolist()  # one device read for all three
-            signum, timed_out = int(signum), timed_out > 0
-            # Re-aim the cosine at the estimated end; under --lr-hold only while the LR is
-            # still held, so a started decay never jumps back up to the peak.
-            decaying = tcfg.lr_hold and step >= optim.decay_start(tcfg.warmup_iters, horizon, tcfg.lr_hold)
-            if tcfg.max_time and not decaying:
-                horizon = max(step, int(min(tcfg.lr_decay_iters or tcfg.max_iters, -neg_end)))
-        elif not ddp:  # one process: nobody to agree with, so look every step
-            signum, timed_out = Stop.signum, bool(tcfg.max_time and time.time() - t0 > tcfg.max_time)
-        else:
-            signum, timed_out = 0, False
-        if signum:
-            if any_bad():  # never save weights a non-finite step has touched
-                break
-            checkpoint(step, evaluated=False)
-            say(f"stopped by signal {signum} at step {step}; saved {ckpt_path} (resume with --resume)")
-            return 128 + signum
-        if timed_out and stop_reason is None:
-            stop_reason = "max_time"
-            say(f"--max-time {tcfg.max_time:g}s reached at step {step}")
+        self.say(f"step {p.step} | {text} | lr {lr:.2e} | {rate} {self.unit}/s | ETA {eta / 60:.1f}m")
+        self.log(dict(step=p.step, **losses, lr=lr, **{f"{self.unit}_per_s": speed},
+                      data_share=meter.data_s / dt, time=self.elapsed()))
+        self.meter = Meter(since=now)
 
-    if bad < NONE:
-        at, what = divmod(bad, 1024)
-        what = next(key for key, j in checked.items() if j == what)
-        raise UsageError(f"{what} is not finite at step {at}; stopped, the last good checkpoint {ckpt_path} "
-                         f"is kept (lower --lr, try --dtype fp32, or --skip-nonfinite to skip such updates)")
-    return 0
+    def agree_to_stop(self):
+        """(signal number, over --max-time), agreed by every process; under --max-time the
+        cosine is re-aimed at the step the budget is estimated to end at, from the step rate
+        since the first step (evaluations included), and under --lr-hold only while the LR
+        is still held, so a started decay never jumps back up to the peak."""
+        tcfg, p = self.tcfg, self.progress
+        elapsed = self.elapsed()
+        since, first = self.rate_from
+        rate = (p.step - first) / max(time.time() - since, 1e-9)  # steps/s
+        steps_left = (tcfg.max_time - elapsed) * rate if p.step > first else 1e12  # no rate yet
+        signum, over_time, end = stop_vote(Stop.signum, tcfg.max_time > 0 and elapsed > tcfg.max_time,
+                                           p.step + steps_left, self.ddp, self.device)
+        decaying = tcfg.lr_hold and p.step >= optim.decay_start(tcfg.warmup_iters, p.horizon, tcfg.lr_hold)
+        if tcfg.max_time and not decaying:
+            p.horizon = max(p.step, int(min(tcfg.lr_decay_iters or tcfg.max_iters, end)))
+        return signum, over_time
 
+    @torch.no_grad()
+    def evaluate(self):
+        """{split: {player: mean loss}} on fixed batches with fixed noise, the same at every
+        evaluation and for any process count; the training noise is untouched (forked RNG)."""
+        tcfg, k, out = self.tcfg, self.k, {}
+        with fork_rng(self.device):
+            self.judge.eval()
+            for split in ("train", "val"):
+                g = torch.Generator().manual_seed(tcfg.seed * 7919 + (split == "val"))
+                total = torch.zeros(len(self.names), device=self.device)
+                for i in range(tcfg.eval_iters):  # global batches, sliced as in training
+                    X, Y = self.splits[split].batch(tcfg.batch_size * k * self.world, g)
+                    for m in range(k):
+                        for j, player in enumerate(self.names):
+                            seed_noise(tcfg.seed, -1, split == "val", i, j, self.rank * k + m)
+                            with autocast(self.device, self.dtype):
+                                loss, _ = self.judge(*self.micro_batch(X, Y, m), **self.forward_kw[player])
+                            total[j] += loss.float() / k
+                if self.ddp:
+                    dist.all_reduce(total)
+                out[split] = dict(zip(self.names, (total / (tcfg.eval_iters * self.world)).tolist()))
+            self.train_mode()
+        return out
 
-def cli():
-    try:
-        code = main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except Fault as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
-    sys.exit(code)
+    def train_mode(self):
+        self.raw.train()
+        if self.ema is not None:
+            self.ema.eval()
+
+    def evaluate_and_save(self):
+        """Both splits' losses, logged; the checkpoint (and best.pt at a new best validation
+        loss); the samples."""
+        p, multi = self.progress, len(self.names) > 1
+        losses = self.evaluate()
+        rec = dict(step=p.step, time=self.elapsed())
+        for split in ("train", "val"):
+            rec.update({f"{split}_loss" + (f"_{name}" if multi else ""): v for name, v in losses[split].items()})
+        if "bytes_per_token" in self.info:
+            rec["val_bpb"] = rec["val_loss"] / math.log(2) / self.info["bytes_per_token"]
+        self.say(f"eval step {p.step}: " + " | ".join(f"{key.replace('_loss', '')} {v:.4f}"
+                                                      for key, v in rec.items() if "_loss" in key)
+                 + (f" | val {rec['val_bpb']:.3f} bits/byte" if "val_bpb" in rec else ""))
+        self.log(rec)
+        # The best validation loss means something for one player; a GAN's players' losses
+        # rise and fall against each other, so a GAN keeps no best.pt.
+        improved = not multi and rec["val_loss"] < p.best_val
+        if improved:
+            p.best_val = rec["val_loss"]
+        if p.step > 0:
+            self.save(evaluated=True)
+            if improved and self.master:
+                # A hard link renamed into place: best.pt is whole or absent, and costs no copy.
+                best = os.path.join(self.out_dir, "best.pt")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(best + ".tmp")
+                os.link(self.ckpt_path, best + ".tmp")
+                os.replace(best + ".tmp", best)
+        if self.master:
+            self.write_text() if self.info["kind"] == "tokens" else self.write_pictures()
+
+    def save(self, evaluated):
+        """The checkpoint, with all a resumed run needs to continue exactly. No RNG states:
+        the noise of every micro-batch is seeded from its place in the run (seed_noise)."""
+        if not self.master:
+            return
+        p, ema = self.progress, self.ema
+        save_checkpoint(dict(model=strip_prefixes(self.raw.state_dict()),
+                             ema=strip_prefixes(ema.state_dict()) if ema is not None else None,
+                             optimizers={name: o.state_dict() for name, o in self.optimizers.items()},
+                             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                             step=p.step, best_val=p.best_val, config=self.conf, data_rng=self.stream.get_state(),
+                             horizon=p.horizon, evaluated=evaluated, skipped=p.skipped, elapsed=self.elapsed()),
+                        self.ckpt_path)
+
+    def write_text(self):
+        """--sample-tokens of text from the start of a document, appended to samples.txt."""
+        if not hasattr(self.judge, "generate"):
+            return
+        tok = data.get_tokenizer(self.tcfg.tokenizer)
+        prompt = [tok.eot] if tok.eot is not None else tok.encode("\n")
+        g = torch.Generator(device=self.device).manual_seed(self.tcfg.seed + self.progress.step)
+        self.judge.eval()
+        top_k = {"top_k": 200} if "top_k" in inspect.signature(self.judge.generate).parameters else {}
+        with autocast(self.device, self.dtype):
+            ids = self.judge.generate(torch.tensor([prompt], device=self.device), self.tcfg.sample_tokens,
+                                      temperature=0.8, generator=g, **top_k)
+        self.train_mode()
+        text = tok.decode(ids[0, len(prompt):].tolist())
+        with open(os.path.join(self.out_dir, "samples.txt"), "a") as f:
+            f.write(f"=== step {self.progress.step} ===\n{text}\n")
+        self.say("-" * 60 + "\n" + text[:400] + "\n" + "-" * 60)
+
+    def write_pictures(self):
+        """samples-<step>.png and samples.png (data.save_samples); a model that can
+        reconstruct (VAE) also gets reconstructions.png (rows of val images, each above its
+        reconstructions) and interpolations.png (a row from one val image to another)."""
+        step, judge, device = self.progress.step, self.judge, self.device
+        kind, val = self.info["kind"], self.splits["val"]
+        n = 2000 if kind == "points" else self.tcfg.sample_images
+        classes = getattr(self.mcfg, "num_classes", 0) or 0
+        pairs = line = None
+        # Seeded per step, inside a fork of the RNG: the training noise after this point is
+        # the same whether or not pictures were drawn, so a resumed run stays exact.
+        with fork_rng(device), torch.no_grad():
+            torch.manual_seed(self.tcfg.seed + step)
+            judge.eval()
+            with autocast(device, self.dtype):
+                x = draw_samples(judge, n, classes, device)
+                rows = min(4, len(val.images) // 10) if kind == "image" else 0
+                if rows and hasattr(judge, "reconstruct"):
+                    real = val.images[:10 * rows].to(device).float().div(127.5).sub(1)
+                    shape = (rows, 10, *real.shape[1:])
+                    pairs = torch.stack([real.view(shape), judge.reconstruct(real).view(shape)], 1)
+                    line = judge.interpolate(real[:5], real[5:10], 10) if hasattr(judge, "interpolate") else None
+            self.train_mode()
+        path = os.path.join(self.out_dir, f"samples-{step:06d}.png")
+        data.save_samples(x, path, classes, points=self.dataset if kind == "points" else None)
+        if pairs is not None:
+            data.save_grid(pairs.flatten(0, 2), os.path.join(self.out_dir, "reconstructions.png"), nrow=10)
+        if line is not None:
+            data.save_grid(line.flatten(0, 1), os.path.join(self.out_dir, "interpolations.png"), nrow=10)
+        shutil.copyfile(path, os.path.join(self.out_dir, "samples.png"))
+        self.say(f"samples: {path}")
 
 
 if __name__ == "__main__":
-    cli()
+    cli(main)

@@ -10,7 +10,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-from data import DataError, load  # noqa: E402
+from common import UsageError  # noqa: E402
+from data import load  # noqa: E402
 
 
 def one_line(excinfo):
@@ -294,7 +295,7 @@ def test_bad_inputs_raise_one_line_data_errors(tmp_path):
         "shakespear": "pystdlib",
     }
     for name, needle in cases.items():
-        with pytest.raises(DataError) as e:
+        with pytest.raises(UsageError) as e:
             load(name, data_dir=dd)
         msg = one_line(e)
         assert needle in msg, msg
@@ -306,14 +307,14 @@ def test_bad_file_inside_folder_is_named(tmp_path):
     (tmp_path / "c").mkdir()
     make_text(tmp_path / "c" / "ok.txt")
     (tmp_path / "c" / "bad.txt").write_bytes(b"\x00\x01\x02")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UsageError) as e:
         load(str(tmp_path / "c"), data_dir=str(tmp_path / "d"))
     assert "bad.txt" in one_line(e)
 
 
 def test_block_size_longer_than_split(tmp_path):
     (tmp_path / "a.txt").write_text("short text\n" * 50)  # 550 bytes, val 27
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UsageError) as e:
         load(str(tmp_path / "a.txt"), data_dir=str(tmp_path / "d"), block_size=64)
     assert "--block-size" in one_line(e) and "val" in str(e.value)
 
@@ -334,7 +335,7 @@ def test_tiktoken_offline_message(monkeypatch):
         tok = data.get_tokenizer("gpt2")  # works if the vocabulary is cached here
         assert tok.vocab_size == 50257 and tok.eot == 50256
         assert tok.decode(tok.encode("hello world")) == "hello world"
-    except DataError as e:
+    except UsageError as e:
         assert "TIKTOKEN_CACHE_DIR" in str(e) and "--tokenizer bytes" in str(e)
 
     import tiktoken
@@ -345,14 +346,14 @@ def test_tiktoken_offline_message(monkeypatch):
     def offline(name):
         raise ConnectionError("Max retries exceeded with url: /gpt-2/encodings/main/vocab.bpe\nlong detail")
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UsageError) as e:
         data.get_tokenizer("gpt2")
     msg = one_line(e)
     assert "TIKTOKEN_CACHE_DIR" in msg and "--tokenizer bytes" in msg and "gpt2" in msg
 
 
 def test_unknown_tokenizer_lists_choices():
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UsageError) as e:
         data.get_tokenizer("gpt7")
     msg = one_line(e)
     assert "gpt7" in msg and "bytes" in msg and "gpt2" in msg and "cl100k_base" in msg

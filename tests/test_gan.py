@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import common  # noqa: E402
 import gan
 import metrics
 import train
@@ -56,12 +57,12 @@ def player_model(tmp_path, players):
 
 
 def test_each_player_steps_only_its_own_parameters(tmp_path):
-    common = [*POINTS, "--max-iters", "3", "--eval-interval", "3", "--optimizer", "sgd", "--weight-decay", "0"]
+    same = [*POINTS, "--max-iters", "3", "--eval-interval", "3", "--optimizer", "sgd", "--weight-decay", "0"]
     for players, moved in ((["discriminator"], "discriminator."), (["generator"], "generator."),
                            # G first: its backward pass fills D's gradients, which must not reach D's step
                            (["generator", "discriminator"], None)):
         out = str(tmp_path / "_".join(players))
-        run(*common, "--model", player_model(tmp_path, players), "--out-dir", out)
+        run(*same, "--model", player_model(tmp_path, players), "--out-dir", out)
         before, after = weights_at_start(ckpt(out)), ckpt(out)["model"]
         assert before.keys() == after.keys()
         for k in before:
@@ -86,11 +87,11 @@ def test_two_processes_equal_one_process_for_two_players(tmp_path, sn):
     # SGD without clipping: its update is linear in the gradient, so a gradient off by
     # any factor (a sum over processes for a mean, say, which AdamW and the clip hide)
     # moves the weights by that factor.
-    common = [*POINTS, "--max-iters", "3", "--eval-interval", "3", "--r1", "0.5", "--d-steps", "2",
+    same = [*POINTS, "--max-iters", "3", "--eval-interval", "3", "--r1", "0.5", "--d-steps", "2",
               "--optimizer", "sgd", "--grad-clip", "0",
               *(["--spectral-norm"] if sn else ["--no-spectral-norm", "--mbstd", "4", "--z-classes", "8"])]
-    run(*common, "--grad-accum", "2", "--out-dir", str(tmp_path / "one"))
-    r = run(*common, "--out-dir", str(tmp_path / "two"), nproc=2)
+    run(*same, "--grad-accum", "2", "--out-dir", str(tmp_path / "one"))
+    r = run(*same, "--out-dir", str(tmp_path / "two"), nproc=2)
     assert "2 process(es)" in r.stdout
     a, b = log(tmp_path / "one"), log(tmp_path / "two")
     assert len(a) == len(b) and {"loss_discriminator", "loss_generator"} <= set(a[1])
@@ -139,7 +140,7 @@ def test_digits_bf16_hinge_projection_and_concat_run(shared_data, tmp_path):
         run(*DIGITS, "--max-iters", "2", "--eval-interval", "2", "--data-dir", shared_data, "--out-dir", str(out), *extra)
         assert os.path.getsize(out / "samples.png") > 100
         assert not os.path.exists(out / "best.pt")  # a GAN's losses pick no best
-        model = train.build_from_checkpoint(ckpt(out))[1]
+        model = common.build_from_checkpoint(ckpt(out))[1]
         x = model.sample(6, y=torch.arange(6))
         assert x.shape == (6, 1, 28, 28) and x.abs().max() <= 1
 
@@ -151,7 +152,7 @@ def test_mode_coverage_rises_on_grid25(tmp_path):
     run("--model", "gan", "--preset", "grid25", "--max-iters", "1000", "--batch-size", "256", "--lr", "1e-3",
         "--min-lr", "1e-3", "--lr-hold", "0", "--eval-interval", "1000",
         "--eval-iters", "1", "--log-interval", "100", "--out-dir", str(out))
-    late = train.build_from_checkpoint(ckpt(out))[1].eval()
+    late = common.build_from_checkpoint(ckpt(out))[1].eval()
     torch.manual_seed(0)
     early = gan.Model(late.cfg).eval()  # an untrained G puts everything near the origin: one mode
     centers, std = gan_points()
@@ -171,7 +172,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, monkeypatch):
                   ("--pac", "3", "--batch-size", "16")):
         monkeypatch.setattr(sys, "argv", ["train.py", *POINTS, *flags, "--out-dir", str(tmp_path / "x")])
         with pytest.raises(SystemExit) as e:
-            train.cli()
+            common.cli(train.main)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "multiple of 3" in err

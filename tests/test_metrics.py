@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import common  # noqa: E402
 import data
 import metrics
 from tolerances import U32, U64
@@ -409,7 +410,7 @@ def test_inception_forward_shapes_and_gray_equals_repeated_rgb():
 def test_inception_offline_error_names_file_url_and_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(metrics, "INCEPTION_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
-    with pytest.raises(metrics.MetricsError) as e:
+    with pytest.raises(common.UsageError) as e:
         metrics.load_inception()
     msg = str(e.value)
     assert "\n" not in msg and "pt_inception-2015-12-05-6726825d.pth" in msg
@@ -634,23 +635,23 @@ def test_cli_bad_input_is_one_line(tmp_path, shared_data):
 def test_n_at_most_k_is_one_error_naming_the_smallest_n(tmp_path):
     # precision/recall's k-th neighbour (itself excluded) needs k + 1 points in each set
     for argv, need in ((["--n", "3"], 4), (["--n", "5", "--k", "5"], 6)):
-        with pytest.raises(metrics.MetricsError, match=f"--n {need}\\b"):
+        with pytest.raises(common.UsageError, match=f"--n {need}\\b"):
             metrics.main(["--real", "grid25", "--fake", "grid25", *argv])
     # the smallest n that works, works
     assert metrics.main(["--real", "grid25", "--fake", "grid25", "--n", "4"]) == 0
     # n taken from the data: a .npy of 3 points compares only 3, whatever --n says
     np.save(tmp_path / "three.npy", np.random.RandomState(0).randn(3, 2).astype(np.float32))
-    with pytest.raises(metrics.MetricsError, match="3 .*4"):
+    with pytest.raises(common.UsageError, match="3 .*4"):
         metrics.main(["--real", "grid25", "--fake", str(tmp_path / "three.npy"), "--n", "1000"])
 
 
 def test_n_below_the_inception_scores_splits_is_one_error_naming_the_smallest_n(shared_data, tmp_path):
     # The Inception Score cuts the samples into 10 parts: 9 images leave one part empty.
-    with pytest.raises(metrics.MetricsError, match="--n 10\\b"):
+    with pytest.raises(common.UsageError, match="--n 10\\b"):
         metrics.main(["--real", "digits", "--fake", "digits", "--n", "9", "--data-dir", shared_data])
     # n taken from the data: a .npy of 5 images compares 5, whatever --n says
     np.save(tmp_path / "five.npy", np.zeros((5, 1, 28, 28), np.uint8))
-    with pytest.raises(metrics.MetricsError, match="5 .*10"):
+    with pytest.raises(common.UsageError, match="5 .*10"):
         metrics.main(["--real", "digits", "--fake", str(tmp_path / "five.npy"), "--n", "1000",
                       "--data-dir", shared_data])
 

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import common
 import train
 from tolerances import assert_displacements_agree, assert_losses_agree, weights_at_start
 
@@ -62,9 +63,9 @@ def test_micro_batches_equal_one_big_batch(tmp_path, corpus, optimizer):
     # AdamW (clipped, as trained) for the losses; SGD unclipped too, whose update is linear
     # in the gradient, so a gradient off by any factor (AdamW and the clip hide a scale)
     # moves the weights by that factor.
-    common = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2", *optimizer]
-    assert train.main(args(tmp_path, corpus, "big", *common, "--batch-size", "8")) == 0
-    assert train.main(args(tmp_path, corpus, "acc", *common, "--batch-size", "2", "--grad-accum", "4")) == 0
+    same = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2", *optimizer]
+    assert train.main(args(tmp_path, corpus, "big", *same, "--batch-size", "8")) == 0
+    assert train.main(args(tmp_path, corpus, "acc", *same, "--batch-size", "2", "--grad-accum", "4")) == 0
     a, b = losses(tmp_path, "big"), losses(tmp_path, "acc")
     assert sorted(a) == [1, 2, 3, 4]
     # equal in exact arithmetic; fp32 sums the batch in another order (tolerances.py)
@@ -76,10 +77,10 @@ def test_micro_batches_equal_one_big_batch(tmp_path, corpus, optimizer):
 
 def test_resume_continues_exactly(tmp_path, corpus):
     # dropout on, so the noise must continue exactly too (it is seeded by step, not restored)
-    common = ["--eval-interval", "3", "--lr-decay-iters", "8", "--dropout", "0.1", "--batch-size", "4"]
-    assert train.main(args(tmp_path, corpus, "whole", *common, "--max-iters", "8")) == 0
-    assert train.main(args(tmp_path, corpus, "parts", *common, "--max-iters", "5")) == 0
-    assert train.main(args(tmp_path, corpus, "parts", *common, "--max-iters", "8", "--resume")) == 0
+    same = ["--eval-interval", "3", "--lr-decay-iters", "8", "--dropout", "0.1", "--batch-size", "4"]
+    assert train.main(args(tmp_path, corpus, "whole", *same, "--max-iters", "8")) == 0
+    assert train.main(args(tmp_path, corpus, "parts", *same, "--max-iters", "5")) == 0
+    assert train.main(args(tmp_path, corpus, "parts", *same, "--max-iters", "8", "--resume")) == 0
     a, b = losses(tmp_path, "whole"), losses(tmp_path, "parts")
     assert sorted(b) == list(range(1, 9))
     assert a == b  # bit for bit
@@ -95,11 +96,11 @@ def test_resume_continues_exactly(tmp_path, corpus):
                          ids=["adamw", "sgd"])
 def test_two_processes_equal_one_process_with_accumulation(tmp_path, corpus, optimizer):
     # AdamW as trained; SGD unclipped too, as in the test above
-    common = ["--max-iters", "3", "--eval-interval", "3", "--batch-size", "4", *optimizer]
-    assert train.main(args(tmp_path, corpus, "one", *common, "--grad-accum", "2")) == 0
+    same = ["--max-iters", "3", "--eval-interval", "3", "--batch-size", "4", *optimizer]
+    assert train.main(args(tmp_path, corpus, "one", *same, "--grad-accum", "2")) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "train.py", *args(tmp_path, corpus, "two", *common)],
+                        "train.py", *args(tmp_path, corpus, "two", *same)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout
@@ -118,6 +119,38 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, corpus, opt
     assert_losses_agree(evals("one"), evals("two"), TINY_REDUCTION)
 
 
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.summation_order
+def test_two_nodes_equal_one_process_with_accumulation(tmp_path, corpus):
+    """Two torchrun launches of one process each, --nnodes 2 with the c10d rendezvous on
+    loopback, as two machines would run (README: several machines): the same run as one
+    process with --grad-accum 2, up to the order of summation."""
+    same = ["--max-iters", "3", "--eval-interval", "3", "--batch-size", "4", "--optimizer", "sgd", "--grad-clip", "0"]
+    assert train.main(args(tmp_path, corpus, "one", *same, "--grad-accum", "2")) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(r),
+                               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", "nanogen-test", "train.py", *args(tmp_path, corpus, "nodes", *same)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in (0, 1)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-2000:] for _, err in outs]
+    assert any("2 process(es)" in out for out, _ in outs)
+    a, b = losses(tmp_path, "one"), losses(tmp_path, "nodes")
+    assert sorted(b) == [1, 2, 3]
+    assert_losses_agree(a, b, TINY_REDUCTION)  # global batch 8 either way, summed in another order
+    ck = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    assert_displacements_agree(ck["model"], params(tmp_path, "nodes"), weights_at_start(ck), TINY_REDUCTION,
+                               terms=8 * 32, steps=3, adam=False)
+
 def test_bf16_path_trains(tmp_path, corpus):
     assert train.main(args(tmp_path, corpus, "bf", "--dtype", "bf16", "--max-iters", "30", "--eval-interval", "30",
                            "--batch-size", "8", "--lr", "3e-3", "--warmup-iters", "5")) == 0
@@ -130,7 +163,7 @@ def test_dtype_auto_takes_the_faster_and_a_resumed_run_keeps_it(tmp_path, corpus
     the faster; the checkpoint records the choice and a resumed run keeps it, whatever a
     new race would say. (The race's timings are stubbed: which dtype is faster is this
     machine's business, bench.py's to show.)"""
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
     flags = [*args(tmp_path, corpus, "auto", "--max-iters", "2", "--eval-interval", "2")]
     flags[flags.index("--dtype") + 1] = "auto"
     seen = []
@@ -142,7 +175,7 @@ def test_dtype_auto_takes_the_faster_and_a_resumed_run_keeps_it(tmp_path, corpus
     assert torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "bf16"
     assert train.main([*flags, "--out-dir", str(tmp_path / "auto2")]) == 0 and len(seen) == 2  # a new run races
     assert torch.load(tmp_path / "auto2" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "fp32"
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)  # emulated bf16 here: fp32, no race
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)  # emulated bf16 here: fp32, no race
     assert train.main([*flags, "--out-dir", str(tmp_path / "avx2")]) == 0 and len(seen) == 2
     assert torch.load(tmp_path / "avx2" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "fp32"
     # and a bf16 run resumed where bf16 is emulated chooses again rather than crawl
@@ -164,7 +197,7 @@ def test_every_process_takes_rank_0s_dtype(monkeypatch):
     monkeypatch.setattr(train.dist, "broadcast", broadcast)
     cpu, tcfg = torch.device("cpu"), train.TrainConfig(dtype="auto")
     for rank, bf16_here in ((0, True), (1, True), (1, False)):
-        monkeypatch.setattr(train, "cpu_has_bf16", lambda: bf16_here)
+        monkeypatch.setattr(common, "cpu_has_bf16", lambda: bf16_here)
         got, _ = train.run_dtype(tcfg, None, None, None, cpu, rank, True, lambda *a: None)
         assert got == torch.bfloat16
     assert raced == [1] and sent == [1, 1, 0]  # rank 0 raced; each rank's own guess was overridden
@@ -173,7 +206,7 @@ def test_every_process_takes_rank_0s_dtype(monkeypatch):
 def test_a_run_that_raced_equals_one_that_did_not(tmp_path, corpus, monkeypatch):
     """The real race runs (its answer set to fp32), then the run: the log and weights are
     bit for bit those of a --dtype fp32 run, so racing changed nothing but the choice."""
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
     real, ran = train.race_dtypes, []
     monkeypatch.setattr(train, "race_dtypes", lambda *a: ran.append(real(*a)) or {"fp32": 1.0, "bf16": 2.0})
     flags = args(tmp_path, corpus, "raced", "--max-iters", "3", "--eval-interval", "3", "--dropout", "0.1")
@@ -262,7 +295,7 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, argv, says, capsys, monkey
     monkeypatch.setattr(sys, "argv", ["train.py", *argv, "--out-dir", str(tmp_path / "o"),
                                       "--data-dir", str(tmp_path / "d"), "--max-iters", "1"])
     with pytest.raises(SystemExit) as e:
-        train.cli()
+        common.cli(train.main)
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     lines = error_lines(err)
@@ -344,6 +377,6 @@ def test_compile_check_answers_without_compiling():
     answer must come back, never an exception (a stray local import once made it raise
     UnboundLocalError, so every --compile run crashed); compiling itself stays out of the
     default tests (~20 s on CPU): bench.py --compare eager,compile runs it."""
-    why = train.compile_unavailable(torch.device("cpu"))
+    why = common.compile_unavailable(torch.device("cpu"))
     assert why is None or isinstance(why, str) and why
-    assert train.compile_unavailable(torch.device("cpu")) == why
+    assert common.compile_unavailable(torch.device("cpu")) == why
