@@ -461,8 +461,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="train: runs per side, the sides taking turns, the fastest shown (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
-    p.add_argument("--dim", type=int, default=2048, help="frechet: feature dimension (default: %(default)s, pool3's)")
-    p.add_argument("--repeats", type=int, default=3, help="frechet: best of this many runs (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=2048,
+                   help="frechet: feature dimension (default: %(default)s, pool3's)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="frechet: best of this many runs (default: %(default)s)")
     p.add_argument("--json", default="", help="also write every figure here")
     p.add_argument("--", dest="extra", metavar="FLAGS", help="train: what follows goes to train.py's parser "
                    "for every row, e.g. -- --batch-size 8")

@@ -636,15 +636,22 @@ def parse_args(argv):
     p.add_argument("--n", type=int, default=10000, help="samples to draw and compare (default: %(default)s)")
     p.add_argument("--features", default="classifier", choices=["classifier", "inception"],
                    help="feature network (default: %(default)s, offline; inception is the standard FID)")
-    p.add_argument("--steps", type=int, default=None, help="diffusion: sampling steps, 0 ancestral over all T (default: the model's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="diffusion: sampling steps, 0 ancestral over all T (default: the model's)")
     p.add_argument("--eta", type=float, default=None, help="diffusion: DDIM noise (default: 0)")
-    p.add_argument("--guidance", type=float, default=None, help="diffusion: classifier-free guidance scale, 1 neutral (default: off)")
-    p.add_argument("--temperature", type=float, default=None, help="VAE and GAN: latent scale of the samples (default: 1)")
-    p.add_argument("--nll-n", type=int, default=100, help="images for bits/dim where the model has nll (default: %(default)s)")
-    p.add_argument("--iwae-k", type=int, default=1000, help="VAE: importance samples of its IWAE bound (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="diffusion: classifier-free guidance scale, 1 neutral (default: off)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="VAE and GAN: latent scale of the samples (default: 1)")
+    p.add_argument("--nll-n", type=int, default=100,
+                   help="images for bits/dim where the model has nll (default: %(default)s)")
+    p.add_argument("--iwae-k", type=int, default=1000,
+                   help="VAE: importance samples of its IWAE bound (default: %(default)s)")
     p.add_argument("--k", type=int, default=3, help="neighbours for precision/recall (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default: %(default)s)")
-    p.add_argument("--data-dir", default="", help="datasets and cached classifiers (default: the checkpoint's, else data)")
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="images per forward pass (default: %(default)s)")
+    p.add_argument("--data-dir", default="",
+                   help="datasets and cached classifiers (default: the checkpoint's, else data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
     p.add_argument("--json", default="", help="also write the table here (default with --ckpt: beside it)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")

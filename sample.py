@@ -22,23 +22,35 @@ from common import UsageError, autocast
 
 def main(argv=None):
     p = common.Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", default="out/gpt/ckpt.pt", help="checkpoint written by train.py (default: %(default)s)")
+    p.add_argument("--ckpt", default="out/gpt/ckpt.pt",
+                   help="checkpoint written by train.py (default: %(default)s)")
     p.add_argument("--model", default="", help="the model's .py file, where it has moved since training "
                    "(default: the file the checkpoint names)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--num-samples", type=int, default=0, help="how many samples (default: 1 text, 64 images, 2000 points)")
-    p.add_argument("--label", type=int, default=None, help="images: class of every sample (default: cycle through the classes)")
-    p.add_argument("--out", default="", help="images: PNG to write (default: sample.png beside the checkpoint)")
-    p.add_argument("--steps", type=int, default=None, help="diffusion: sampling steps, DDIM when < T, 0 ancestral over all T (default: the model's)")
-    p.add_argument("--eta", type=float, default=None, help="diffusion: DDIM noise, 0 deterministic, 1 ancestral-like (default: 0)")
-    p.add_argument("--guidance", type=float, default=None, help="diffusion: classifier-free guidance scale, 1 neutral (default: off)")
-    p.add_argument("--npy", default="", help="images: also save the samples here as uint8 (N, C, H, W), for metrics.py --fake")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=0,
+                   help="how many samples (default: 1 text, 64 images, 2000 points)")
+    p.add_argument("--label", type=int, default=None,
+                   help="images: class of every sample (default: cycle through the classes)")
+    p.add_argument("--out", default="",
+                   help="images: PNG to write (default: sample.png beside the checkpoint)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="diffusion: sampling steps, DDIM when < T, 0 ancestral over all T (default: the "
+                        "model's)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="diffusion: DDIM noise, 0 deterministic, 1 ancestral-like (default: 0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="diffusion: classifier-free guidance scale, 1 neutral (default: off)")
+    p.add_argument("--npy", default="",
+                   help="images: also save the samples here as uint8 (N, C, H, W), for metrics.py --fake")
+    p.add_argument("--max-new-tokens", type=int, default=300,
+                   help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=None,
                    help="text: 0 is greedy (default: 0.8); VAE and GAN: latent scale, below 1 cleaner and less varied (default: 1)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set reaching this probability (default: off)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token (slower, same tokens)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus: smallest set reaching this probability (default: off)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole context each token (slower, same tokens)")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
