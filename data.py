@@ -19,6 +19,12 @@ Images are uint8 in memory and float in [-1, 1], NCHW, in batches:
                         downloaded into --data-dir on first use, sha256-checked; val is
                         the official test set
     path/to/x.npy       uint8 images (N,H,W), (N,H,W,C) or (N,C,H,W); 5% held out for val
+    path/to/x.npz       arrays x (images, as a .npy's), y (integer labels) and optionally
+                        classes (their names); 5% held out for val
+    path/to/folder/     images (PNG read here, other formats by Pillow): one subfolder
+                        per class, or none (unlabelled); converted to the channels and
+                        the size most of them have (or --channels, --image-size), cached
+                        in --data-dir (see images.load_folder); 5% held out for val
 
 Points are fresh samples of a 2D Gaussian mixture at every batch:
 
@@ -40,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import images
 from common import UsageError, atomic_write
 
 
@@ -506,9 +513,15 @@ def npy_images(path):
         a = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # a damaged header fails in numpy's parser in many ways (fuzzing found tokenize.TokenError)
         raise UsageError(f"{path} is not a readable .npy file ({str(e)[:80]}); save images with np.save") from None
+    return image_array(a, path)
+
+
+def image_array(a, path):
+    """An array of uint8 images, (N,H,W), (N,H,W,C) or (N,C,H,W) with C 1 or 3, as uint8
+    [N, C, H, W] in memory; anything else is one line naming `path`."""
     if a.dtype != np.uint8:
         raise UsageError(f"{path} holds {a.dtype}, not uint8; save images as uint8 0..255 "
-                        f"(e.g. (x * 255).round().astype(np.uint8))")
+                         f"(e.g. (x * 255).round().astype(np.uint8))")
     if a.ndim == 3:
         a = a[:, None]
     elif a.ndim == 4 and a.shape[1] in (1, 3):
@@ -522,15 +535,45 @@ def npy_images(path):
     return np.array(a, order="C")  # read into memory, writable (the map is read-only), N, C, H, W contiguous
 
 
-def npy_arrays(path):
-    """npy_images, of which 5% (a fixed random choice) are held out for val."""
-    a = npy_images(path)
-    n = len(a)
+def holdout(x, y, path):
+    """{"train": (x, y), "val": (x, y)}: 5% of the images (a fixed random choice, at least
+    one) held out for val; y may be None."""
+    n = len(x)
     if n < 2:
         raise UsageError(f"{path} holds {n} image(s); give at least 2 (one for train, one for val)")
     perm = np.random.default_rng(0).permutation(n)
     n_val = max(1, n * VAL_PERCENT // 100)
-    return {"val": (a[np.sort(perm[:n_val])], None), "train": (a[np.sort(perm[n_val:])], None)}
+    parts = {"val": np.sort(perm[:n_val]), "train": np.sort(perm[n_val:])}
+    return {s: (x[i], None if y is None else y[i]) for s, i in parts.items()}
+
+
+def user_images(name, data_dir, channels=None, image_size=None):
+    """({split: (images, labels or None)}, class names or None) of a user's .npy, .npz or
+    folder of images (see images.py)."""
+    if name.endswith(".npy"):
+        return npy_arrays(name), None
+    if name.endswith(".npz"):
+        if not os.path.isfile(name):
+            raise UsageError(f"no such file: {name}")
+        x, y, classes = images.npz_arrays(name)
+        return holdout(image_array(x, name), y, name), classes
+    x, y, classes = images.load_folder(name, data_dir, channels, image_size)
+    return holdout(x, y, name), classes or None
+
+
+def is_image_folder(name):
+    """Whether `name` is a folder holding images (and no .txt files, which make it text)."""
+    if not os.path.isdir(name):
+        return False
+    found = {os.path.splitext(f)[1].lower() for _, _, files in os.walk(name) for f in files
+             if not f.startswith(".")}
+    if ".txt" in found and found & set(images.SUFFIXES):
+        raise UsageError(f"{name} holds both .txt files and images; give a folder of text or a folder of images")
+    return bool(found & set(images.SUFFIXES))
+
+def npy_arrays(path):
+    """npy_images, of which 5% (a fixed random choice) are held out for val."""
+    return holdout(npy_images(path), None, path)
 
 # -----------------------------------------------------------------------------
 # 2D points: the mode-collapse benchmarks
@@ -676,23 +719,28 @@ class PointSplit:
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 
 
-def load(name, *, tokenizer="bytes", data_dir="data", block_size=256):
+def load(name, *, tokenizer="bytes", data_dir="data", block_size=256, channels=None, image_size=None):
     """-> {"train": split, "val": split} for a dataset name or path. tokenizer and
-    block_size apply to text only."""
-    if name in IMAGE_DATASETS or name.endswith(".npy"):
+    block_size apply to text only; channels and image_size (None: the folder's own) to a
+    folder of images only."""
+    if name in IMAGE_DATASETS or name.endswith((".npy", ".npz")) or is_image_folder(name):
+        classes = [str(k) for k in range(10)] if name in IMAGE_DATASETS else None
         if name == "digits":
             arrays = {s: digits_arrays(s, data_dir) for s in ("train", "val")}
-        elif name.endswith(".npy"):
-            arrays = npy_arrays(name)
-        else:
+        elif name in IMAGE_DATASETS:
             arrays = downloaded_arrays(name, data_dir)
+        else:
+            arrays, classes = user_images(name, data_dir, channels, image_size)
+        labelled = arrays["train"][1] is not None
+        if labelled and classes is None:  # a .npz without names: its labels are the classes
+            classes = [str(k) for k in range(1 + max(int(y.max()) for _, y in arrays.values() if len(y)))]
         out = {}
-        for s, (images, labels) in arrays.items():
-            c, h, w = images.shape[1:]
+        for s, (x, y) in arrays.items():
+            c, h, w = x.shape[1:]
             info = {"kind": "image", "shape": (c, h, w), "channels": c, "image_size": h,
-                    "num_classes": None if labels is None else 10, "vocab_size": None, "point_dim": 0,
-                    "num_examples": len(images)}
-            out[s] = ImageSplit(images, labels, info)
+                    "num_classes": len(classes) if labelled else None, "classes": classes if labelled else None,
+                    "vocab_size": None, "point_dim": 0, "num_examples": len(x)}
+            out[s] = ImageSplit(x, y, info)
         return out
     if name in POINTS:
         centers, std = POINTS[name]
@@ -715,8 +763,9 @@ def load(name, *, tokenizer="bytes", data_dir="data", block_size=256):
     elif "/" in name or os.sep in name or name.endswith(".txt"):
         raise UsageError(f"no such file or folder: {name}")
     else:
-        raise UsageError(f"unknown dataset {name!r}; use pystdlib, digits, mnist, fashion-mnist, cifar10, ring8, grid25, "
-                        f"a .txt file, a folder of .txt files, or a .npy of uint8 images")
+        raise UsageError(f"unknown dataset {name!r}; use pystdlib, digits, mnist, fashion-mnist, cifar10, ring8, "
+                         f"grid25, a .txt file, a folder of .txt files, a folder of images (one subfolder per "
+                         f"class, or none), a .npy of uint8 images or a .npz of images x and labels y")
 
     tok = get_tokenizer(tokenizer)
     if key != "pystdlib":  # user paths: readable name plus a hash so two data.txt never collide

@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -399,11 +400,16 @@ def torch_fidelity_input(images):
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 
 
+def inception_path():
+    """Where the FID InceptionV3 weights are kept: torch.hub's cache."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
+
+
 def load_inception(device="cpu"):
     """The FID InceptionV3 with the standard weights: read from torch.hub's cache, which
     a first online use fills. Offline and not cached: one line says what to fetch."""
-    fname = os.path.basename(INCEPTION_URL)
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
+    path = inception_path()
+    fname = os.path.basename(path)
     if not os.path.exists(path):
         try:
             print(f"metrics: downloading {INCEPTION_URL}", file=sys.stderr)
@@ -450,7 +456,8 @@ def get_classifier(name, splits, data_dir, device="cpu", epochs=1, log=print):
         raise UsageError(f"--features classifier needs a labelled image dataset; {name} has no labels "
                            f"(use --features inception)")
     c, h, _ = info["shape"]
-    key = f"{name}-{c}x{h}-{len(splits['train'])}-{hash_split(splits['train'])}"
+    stem = re.sub(r"[^0-9A-Za-z._-]", "_", os.path.basename(name.rstrip("/\\")))  # a user's path: its last part
+    key = f"{stem}-{c}x{h}-{len(splits['train'])}-{hash_split(splits['train'])}"
     path = os.path.join(data_dir, "cache", f"classifier-{key}.pt")
     net = Classifier(c, h, info["num_classes"]).to(device)
     if os.path.exists(path):
@@ -464,7 +471,7 @@ def get_classifier(name, splits, data_dir, device="cpu", epochs=1, log=print):
     net = Classifier(c, h, info["num_classes"]).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
-    steps = epochs * len(splits["train"]) // 128
+    steps = max(epochs * len(splits["train"]) // 128, 300)  # a user's few hundred images: still 300 steps
     for step in progress(range(steps), f"training the {name} classifier"):
         for group in opt.param_groups:
             group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -550,15 +557,15 @@ def progress(iterable, desc):
 # ---- the command line -----------------------------------------------------------------
 
 
-def load_set(spec, split, data_dir, n):
-    """(uint8 images [n', C, H, W] or float points, the dataset's splits or None) of a
-    dataset name (its `split`) or of a .npy file of uint8 images."""
+def load_set(spec, split, data_dir, n, whole=False):
+    """(uint8 images [n', C, H, W] or float points, the dataset's splits) of a dataset
+    name or a user's .npy, .npz or folder of images: its `split`, or with `whole` a user's
+    file or folder all of it (its train split is what a classifier of its labels learns)."""
     try:
-        if spec.endswith(".npy"):
-            a = np.load(spec, allow_pickle=False) if os.path.isfile(spec) else None
-            if a is not None and a.ndim == 2 and a.shape[1] == 2 and a.dtype.kind == "f":
+        if spec.endswith(".npy") and os.path.isfile(spec):
+            a = np.load(spec, allow_pickle=False)
+            if a.ndim == 2 and a.shape[1] == 2 and a.dtype.kind == "f":
                 return torch.from_numpy(a[:n]).float(), None  # 2D points
-            return torch.from_numpy(data.npy_images(spec)[:n]), None
         splits = data.load(spec, data_dir=data_dir)
     except (UsageError, ValueError, OSError) as e:
         raise UsageError(str(e).splitlines()[0] if str(e) else f"{spec}: cannot read it")
@@ -567,7 +574,25 @@ def load_set(spec, split, data_dir, n):
         return s.batch(n, torch.Generator().manual_seed(int(split == "val")))[0], splits
     if s.info["kind"] != "image":
         raise UsageError(f"{spec} is text; metrics.py compares images or 2D points")
+    if whole and spec.endswith(".npy"):  # in the file's order
+        return torch.from_numpy(data.npy_images(spec)[:n]), splits
+    if whole and (spec.endswith(".npz") or os.path.isdir(spec)):
+        return torch.cat([splits["train"].images, splits["val"].images])[:n], splits
     return s.images[:n], splits
+
+
+def feature_network(features, splits, name="the data"):
+    """--features auto: the classifier for labelled images (trained on their classes), else
+    InceptionV3 where its weights are here (auto downloads nothing)."""
+    if features != "auto":
+        return features
+    if bool(splits) and "train" in splits and getattr(splits["train"], "labels", None) is not None:
+        return "classifier"
+    if not os.path.exists(inception_path()):
+        raise UsageError(f"{name} has no labels to train the classifier on, and the InceptionV3 weights are not "
+                         f"in {os.path.dirname(inception_path())}/: add --features inception to download them "
+                         f"(once), or put {INCEPTION_URL} there")
+    return "inception"
 
 
 def report(real, fake, train_set, splits, args, name):
@@ -583,7 +608,7 @@ def report(real, fake, train_set, splits, args, name):
     if fake.shape[1:] != real.shape[1:]:
         raise UsageError(f"fake images are {tuple(fake.shape[1:])}, real ones {tuple(real.shape[1:])}; "
                            f"they must match")
-    inception = args.features == "inception"
+    inception = feature_network(args.features, splits, name) == "inception"
     if inception:
         net = load_inception(args.device)
         about = ("InceptionV3 (FID, pool3 2048-d); images prepared as pytorch-fid does for FID, precision/recall "
@@ -629,13 +654,17 @@ def parse_args(argv):
     p.add_argument("--ckpt", default="", help="checkpoint to sample and evaluate (EMA weights where present)")
     p.add_argument("--model", default="", help="with --ckpt: the model's .py file, where it has moved since "
                    "training (default: the file the checkpoint names)")
-    p.add_argument("--real", default="", help="dataset name or .npy of real images (its train split)")
-    p.add_argument("--fake", default="", help=".npy of uint8 samples, or a dataset name (its val split)")
+    p.add_argument("--real", default="", help="real images: a dataset name (its train split), or a .npy, "
+                   ".npz or folder of images (all of it; its labels, if any, train the classifier)")
+    p.add_argument("--fake", default="", help="samples: a .npy, .npz or folder of images, or a dataset name "
+                   "(its val split)")
     p.add_argument("--against", default="train", choices=["train", "val"],
                    help="with --ckpt: the split the samples are compared with (default: %(default)s; memorization always uses train)")
     p.add_argument("--n", type=int, default=10000, help="samples to draw and compare (default: %(default)s)")
-    p.add_argument("--features", default="classifier", choices=["classifier", "inception"],
-                   help="feature network (default: %(default)s, offline; inception is the standard FID)")
+    p.add_argument("--features", default="auto", choices=["auto", "classifier", "inception"],
+                   help="feature network: classifier (trained here on the data's labels, offline) or inception "
+                        "(the standard FID's; its weights downloaded once); auto: the classifier for labelled "
+                        "data, else inception (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help="diffusion: sampling steps, 0 ancestral over all T (default: the model's)")
     p.add_argument("--eta", type=float, default=None, help="diffusion: DDIM noise (default: 0)")
@@ -704,19 +733,25 @@ def evaluate_checkpoint(args):
                               temperature=args.temperature)
     fake = draw(model, args.n, getattr(mcfg, "num_classes", 0) or 0, kw, args)
     train_set = real if args.against == "train" else load_set(name, "train", args.data_dir, args.n)[0]
-    rows, about = report(real, fake, train_set, splits, args, name)
+    try:
+        rows, about = report(real, fake, train_set, splits, args, name)
+    except UsageError as e:  # no feature network here (no labels, no Inception weights): bits/dim still
+        if not (hasattr(model, "nll") and args.nll_n):
+            raise
+        rows, about = {}, f"none, so no FID, IS, KID, precision or recall: {e}"
+    named = feature_network(args.features, splits, name) if rows else "none"
     if hasattr(model, "nll") and splits["val"].info["kind"] == "image" and args.nll_n:
         rows.update(bits_per_dim_row(model, splits["val"], args))
     sampler = ", ".join(f"{k} {v}" for k, v in kw.items())
     what = f"{args.n} samples of {args.ckpt}{f' ({sampler})' if sampler else ''} vs {len(real)} of {name} {args.against}"
-    args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or ".", f"metrics-{args.features}.json")
+    args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or ".", f"metrics-{named}.json")
     return rows, about, what
 
 
 def compare_sets(args):
     """(rows, features line, what was compared) for --real and --fake."""
-    real, splits = load_set(args.real, "train", args.data_dir, args.n)
-    fake, _ = load_set(args.fake, "val", args.data_dir, args.n)
+    real, splits = load_set(args.real, "train", args.data_dir, args.n, whole=True)
+    fake, _ = load_set(args.fake, "val", args.data_dir, args.n, whole=True)
     check_counts({args.real: len(real), args.fake: len(fake)},
                  not (fake.dtype.is_floating_point and fake.shape[1:] == (2,)), args.k, args.n)
     train_set = real if fake.dim() == 4 else None

@@ -269,8 +269,10 @@ def load_data(module, tcfg, mcfg, given, pretrained=False):
     dataset = tcfg.data or getattr(module, "DATA", "")
     if not dataset:
         raise UsageError(f"--model {tcfg.model} names no default dataset (DATA); give --data")
+    # A folder of images is converted to these where given (else to what most of its images are).
+    asked = {k: getattr(mcfg, k) for k in ("channels", "image_size") if k in given and hasattr(mcfg, k)}
     splits = data.load(dataset, tokenizer=tcfg.tokenizer, data_dir=tcfg.data_dir,
-                       block_size=getattr(mcfg, "block_size", 256))
+                       block_size=getattr(mcfg, "block_size", 256), **asked)
     info = splits["train"].info
     need = {"image": "image_size", "points": "point_dim", "tokens": "vocab_size"}.get(info["kind"])
     if need and not hasattr(mcfg, need):  # e.g. diffusion on 2D points: its Config has no point_dim
@@ -571,8 +573,8 @@ class Trainer:
                          model_path=os.path.abspath(tcfg.model) if tcfg.model.endswith(".py") else "",
                          dtype=dtype_name(self.dtype), dtype_race=race,  # what --dtype auto chose, and its timings
                          model_config=dataclasses.asdict(mcfg), train_config=dataclasses.asdict(tcfg),
-                         data=dict(name=self.dataset, **{k: v for k, v in self.info.items()
-                                                         if isinstance(v, (int, float, str))}))
+                         data=dict(name=self.dataset, classes=self.info.get("classes"),  # names, for samples
+                                   **{k: v for k, v in self.info.items() if isinstance(v, (int, float, str))}))
         self.setup_players()
         self.unit = {"tokens": "tok", "image": "img", "points": "pt"}.get(self.info["kind"], "ex")
         self.units_per_step = tcfg.batch_size * self.k * world * (self.info["shape"][0] if self.unit == "tok" else 1)
