@@ -29,8 +29,8 @@ def main(argv=None):
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--num-samples", type=int, default=0,
                    help="how many samples (default: 1 text, 64 images, 2000 points)")
-    p.add_argument("--label", type=int, default=None,
-                   help="images: class of every sample (default: cycle through the classes)")
+    p.add_argument("--label", default=None,
+                   help="images: class of every sample, by number or by name (default: cycle through the classes)")
     p.add_argument("--out", default="",
                    help="images: PNG to write (default: sample.png beside the checkpoint)")
     p.add_argument("--steps", type=int, default=None,
@@ -106,9 +106,15 @@ def sample_text(args, model, tcfg, mcfg, device, dtype):
 def sample_pictures(args, ckpt, model, mcfg, device, dtype, kind):
     n = args.num_samples or (2000 if kind == "points" else 64)
     classes = getattr(mcfg, "num_classes", 0) or 0
-    if args.label is not None and not (classes and 0 <= args.label < classes):
-        raise UsageError(f"--label {args.label}: the model has "
-                         f"{f'classes 0..{classes - 1}' if classes else 'no classes'}")
+    names = ckpt["config"]["data"].get("classes") or []
+    if args.label is not None:
+        label = names.index(args.label) if args.label in names else \
+            int(args.label) if args.label.lstrip("-").isdigit() else None
+        if label is None or not (classes and 0 <= label < classes):
+            have = f"classes 0..{classes - 1}" + (f" ({', '.join(names)})" if names else "") if classes \
+                else "no classes"
+            raise UsageError(f"--label {args.label}: the model has {have}")
+        args.label = label
     import metrics  # for its progress bar
     kw = common.sampler_kwargs(model, lambda steps: metrics.progress(steps, "sampling"),
                                steps=args.steps, eta=args.eta, guidance=args.guidance,

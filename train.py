@@ -51,6 +51,7 @@ import torch.distributed as dist
 import common
 import data
 import optim
+import plot
 from common import (DTYPES, Fault, Parser, UsageError, add_fields, atomic_write, autocast, cli,
                     compile_unavailable, draw_samples, dtype_name, fork_rng, forward_kwargs, load_checkpoint,
                     load_module, load_state, parameters_of, pick_device, pick_dtype, players, presets,
@@ -65,8 +66,9 @@ class TrainConfig:
     data_dir: str = "data"          # downloads and token caches
     tokenizer: str = "bytes"        # text only: bytes, or a tiktoken encoding (gpt2, cl100k_base, ...)
     out_dir: str = ""               # checkpoints, logs, samples; default: out/<model>
-    init_from: str = ""             # GPT-2 weights (model.safetensors, pytorch_model.bin or their folder)
-                                    # to fine-tune
+    init_from: str = ""             # start from these weights, with fresh optimizers at step 0: another
+                                    # run's ckpt.pt (EMA weights where kept), or GPT-2's (model.safetensors,
+                                    # pytorch_model.bin or their folder)
     resume: bool = False            # continue exactly from <out_dir>/ckpt.pt
     overwrite: bool = False         # start afresh even though <out_dir>/ckpt.pt exists (it will be
                                     # replaced)
@@ -261,6 +263,42 @@ def gpt2_model(module, tcfg, mcfg, given):
     if "block_size" in given and mcfg.block_size < model.cfg.block_size:
         model.crop_block_size(mcfg.block_size)
     return model
+
+
+DATA_FIELDS = ("channels", "image_size", "point_dim", "vocab_size")  # what the data decides
+
+
+def run_config(tcfg, mcfg, given):
+    """--init-from another run's ckpt.pt: that checkpoint, whose model settings become
+    this run's (those given on the command line now win; the data fills its fields)."""
+    source = load_checkpoint(tcfg.init_from)
+    conf = source["config"]
+    if model_name(conf["model"]) != model_name(tcfg.model):
+        raise UsageError(f"--init-from {tcfg.init_from} holds a {conf['model']} model, not {tcfg.model}")
+    for k, v in conf["model_config"].items():
+        if hasattr(mcfg, k) and k not in given and k not in DATA_FIELDS + ("num_classes",):
+            setattr(mcfg, k, tuple(v) if isinstance(v, list) else v)
+    return source
+
+
+def weights_from_run(model, source, mcfg, path):
+    """Copy a run's weights (its EMA where kept) into `model`. The data-dependent fields
+    must fit; num_classes may differ, and then the tensors sized by it (label embeddings)
+    keep their fresh initialisation, as do tensors the old model lacks."""
+    old = source["config"]["model_config"]
+    for k in DATA_FIELDS:
+        if k in old and getattr(mcfg, k, old[k]) != old[k]:
+            raise UsageError(f"--init-from {path}: its model has {k} {old[k]}, this data needs "
+                             f"{getattr(mcfg, k)}; train on data of the same {k.replace('_', ' ')}")
+    state = source["ema"] if isinstance(source.get("ema"), dict) else source["model"]
+    mine = model.state_dict()
+    fresh = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
+    if old.get("num_classes", 0) == getattr(mcfg, "num_classes", 0) and any(k in state for k in fresh):
+        k = next(k for k in fresh if k in state)
+        raise UsageError(f"--init-from {path}: its {k} is {tuple(state[k].shape)}, this model's "
+                         f"{tuple(mine[k].shape)}; drop the flags that change the model's shape")
+    model.load_state_dict({**mine, **{k: v for k, v in state.items() if k in mine and k not in fresh}})
+    return fresh
 
 
 def load_data(module, tcfg, mcfg, given, pretrained=False):
@@ -539,10 +577,17 @@ class Trainer:
         self.ckpt_path = os.path.join(self.out_dir, "ckpt.pt")
         self.ckpt = ckpt = resume_from(tcfg, mcfg, given, self.ckpt_path)
         # GPT-2 weights, when fine-tuning, fix the model's shape before the data is cut to its context.
-        pretrained = gpt2_model(module, tcfg, mcfg, given) if tcfg.init_from and ckpt is None else None
+        from_run = tcfg.init_from.endswith(".pt") and ckpt is None  # another nanogen run's weights
+        source = run_config(tcfg, mcfg, given) if from_run else None
+        pretrained = gpt2_model(module, tcfg, mcfg, given) if tcfg.init_from and not from_run and ckpt is None \
+            else None
         self.mcfg = mcfg = pretrained.cfg if pretrained is not None else mcfg
         self.dataset, self.splits, self.info = load_data(module, tcfg, mcfg, given, pretrained is not None)
         raw = self.raw = (pretrained if pretrained is not None else new_model(module, mcfg, tcfg)).to(device)
+        if source is not None:
+            fresh = weights_from_run(raw, source, mcfg, tcfg.init_from)
+            self.say(f"--init-from {tcfg.init_from}: its weights" + (f", but {len(fresh)} tensors sized by the "
+                     f"classes, fresh ({', '.join(fresh[:3])}{', ...' if len(fresh) > 3 else ''})" if fresh else ""))
         multiple = getattr(raw, "batch_multiple", 1)  # e.g. a GAN whose D judges packs of examples
         if tcfg.batch_size % multiple:
             raise UsageError(f"--batch-size {tcfg.batch_size}: this model takes micro-batches in multiples "
@@ -867,6 +912,8 @@ class Trainer:
                 os.replace(best + ".tmp", best)
         if self.master:
             self.write_text() if self.info["kind"] == "tokens" else self.write_pictures()
+            plot.save_curves(os.path.join(self.out_dir, "loss.png"),
+                             plot.loss_panels(os.path.join(self.out_dir, "log.jsonl")))
 
     def save(self, evaluated):
         """The checkpoint, with all a resumed run needs to continue exactly. No RNG states:

@@ -169,6 +169,11 @@ def test_a_class_folder_trains_a_conditional_model_samples_by_label_and_is_evalu
     png = str(tmp_path / "label2.png")
     assert sample.main(["--ckpt", f"{out}/ckpt.pt", "--label", "2", "--num-samples", "4", "--out", png]) == 0
     assert images.read_png(png).shape[2] == 1
+    by_name = str(tmp_path / "top.png")  # the class's name, as the checkpoint recorded it, does the same
+    assert sample.main(["--ckpt", f"{out}/ckpt.pt", "--label", "top", "--num-samples", "4", "--out", by_name]) == 0
+    assert np.array_equal(images.read_png(by_name), images.read_png(png))
+    with pytest.raises(common.UsageError, match=r"classes 0\.\.2 \(bottom, middle, top\)"):
+        sample.main(["--ckpt", f"{out}/ckpt.pt", "--label", "side"])
     report = str(tmp_path / "m.json")
     assert metrics.main(["--ckpt", f"{out}/ckpt.pt", "--n", "20", "--batch-size", "10", "--against", "val",
                          "--nll-n", "0", "--json", report]) == 0
