@@ -168,11 +168,12 @@ def png_palette(index, chunks):
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def read_image(path):
-    """An image file -> uint8 [H, W, C] as read_png gives: PNG by read_png, the other
-    formats by Pillow where it is installed."""
-    if path.lower().endswith(".png"):
-        return read_png(path)
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # Pillow's modes of gray images
+
+
+def pillow(path, use):
+    """use(image) on Pillow's image of a file that is not a PNG; one line where Pillow is
+    not installed or cannot read the file."""
     try:
         from PIL import Image
     except ImportError:
@@ -180,12 +181,22 @@ def read_image(path):
                          f"(pip install pillow); PNGs are read without it") from None
     try:
         with Image.open(path) as im:
-            alpha = im.mode in ("LA", "RGBA", "PA") or "transparency" in im.info
-            gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-            return np.array(im.convert(("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")),
-                            np.uint8).reshape(im.height, im.width, -1)
+            return use(im)
     except Exception as e:  # Pillow raises many kinds for a bad file; the user needs one line
         raise UsageError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def read_image(path):
+    """An image file -> uint8 [H, W, C] as read_png gives: PNG by read_png, the other
+    formats by Pillow where it is installed."""
+    if path.lower().endswith(".png"):
+        return read_png(path)
+
+    def pixels(im):
+        alpha = im.mode in ("LA", "RGBA", "PA") or "transparency" in im.info
+        mode = ("LA" if alpha else "L") if im.mode in GRAY_MODES else ("RGBA" if alpha else "RGB")
+        return np.array(im.convert(mode), np.uint8).reshape(im.height, im.width, -1)
+    return pillow(path, pixels)
 
 
 def to_channels(img, c):
@@ -270,16 +281,7 @@ def peek(path):
             raise UsageError(f"{path}: not a readable PNG (no PNG signature and header)")
         w, h, _, color = struct.unpack(">IIBB", head[16:26])
         return h, w, color in (0, 4)
-    try:
-        from PIL import Image
-    except ImportError:
-        raise UsageError(f"{path}: reading {os.path.splitext(path)[1]} files needs Pillow "
-                         f"(pip install pillow); PNGs are read without it") from None
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width, im.mode in ("1", "L", "LA", "I", "I;16", "F")
-    except Exception as e:
-        raise UsageError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:100]})") from None
+    return pillow(path, lambda im: (im.height, im.width, im.mode in GRAY_MODES))
 
 
 CACHE_VERSION = 1  # raise when the conversion changes, so old caches are not taken for new ones

@@ -182,3 +182,17 @@ def test_a_class_folder_trains_a_conditional_model_samples_by_label_and_is_evalu
     assert "classifier trained on" in rows["features"] and "FID" in rows and rows["IS"] <= 3 + 1e-6
     acc = float(rows["features"].split("(")[1].split("%")[0]) / 100
     assert acc > 0.9, rows["features"]
+
+
+def test_other_formats_go_through_pillow_where_installed(tmp_path):
+    Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (pip install pillow)")
+    rng = np.random.default_rng(6)
+    rgb, gray8 = rng.integers(0, 256, (6, 7, 3)).astype(np.uint8), rng.integers(0, 256, (6, 7)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.bmp")  # lossless formats: the same pixels back
+    Image.fromarray(gray8).save(tmp_path / "g.tiff")
+    assert np.array_equal(images.read_image(str(tmp_path / "c.bmp")), rgb)
+    assert np.array_equal(images.read_image(str(tmp_path / "g.tiff")), gray8[..., None])
+    assert images.peek(str(tmp_path / "g.tiff")) == (6, 7, True)
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(common.UsageError, match="bad.jpg: not a readable image"):
+        images.read_image(str(tmp_path / "bad.jpg"))
