@@ -196,3 +196,25 @@ def test_other_formats_go_through_pillow_where_installed(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     with pytest.raises(common.UsageError, match="bad.jpg: not a readable image"):
         images.read_image(str(tmp_path / "bad.jpg"))
+
+
+def test_unlabelled_data_without_inception_weights_still_reports_bits_per_dim(tmp_path, monkeypatch):
+    """A VAE trained on a .npy of unlabelled images (a TypeError in metrics.py once): no
+    classifier without labels and, here, no Inception weights, so the features line says
+    what to do, and bits/dim is reported all the same."""
+    import json
+
+    import metrics
+    import train
+    np.save(tmp_path / "x.npy", np.random.default_rng(8).integers(0, 256, (60, 8, 8)).astype(np.uint8))
+    out = str(tmp_path / "o")
+    assert train.main(["--model", "vae", "--data", str(tmp_path / "x.npy"), "--data-dir", str(tmp_path / "d"),
+                       "--width", "8", "--z-dim", "4", "--max-iters", "2", "--eval-interval", "2", "--batch-size", "8",
+                       "--eval-iters", "1", "--dtype", "fp32", "--out-dir", out]) == 0
+    monkeypatch.setattr(metrics, "inception_path", lambda: str(tmp_path / "absent" / "pt_inception.pth"))
+    report = str(tmp_path / "m.json")
+    assert metrics.main(["--ckpt", f"{out}/ckpt.pt", "--n", "20", "--nll-n", "3", "--iwae-k", "4",
+                         "--json", report]) == 0
+    rows = json.load(open(report))
+    assert "--features inception" in rows["features"] and "FID" not in rows
+    assert any(k.startswith("bits/dim") and 0 < v < 16 for k, v in rows.items() if isinstance(v, float))
