@@ -1,7 +1,7 @@
 """
 Optimizers and learning-rate plumbing, written from the formulas.
 
-SGD, Adam and AdamW are drop-in replacements for their torch.optim namesakes: same
+SGD, Adam, AdamW and Muon are drop-in replacements for their torch.optim namesakes: same
 arguments, defaults, validation, state keys and numbers, so state_dicts move freely
 between the two. Updates use torch._foreach_* ops, one call per (device, dtype)
 bucket: on a GPU a Python loop over ~150 tensors would launch ~150x more kernels.
@@ -192,6 +192,77 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+
+
+def newton_schulz(g, coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7):
+    """An approximation of U V^T for G = U S V^T, by the quintic Newton-Schulz iteration
+    in bf16: from X = G / ||G||_F (every singular value in [0, 1]), `steps` times
+    X <- a X + (b A + c A^2) X with A = X X^T, which maps each singular value s to
+    a s + b s^3 + c s^5. The default coefficients (Jordan et al.'s) maximise the slope at 0,
+    so small singular values grow fast; the values end near 1 (within about 0.7..1.2)
+    rather than at it. X is kept wide (rows <= columns), so A is the smaller Gram matrix."""
+    a, b, c = coefficients
+    tall = g.size(0) > g.size(1)
+    x = g.bfloat16().T if tall else g.bfloat16()
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for 2-D parameters (hidden weight matrices), as
+    torch.optim.Muon: same arguments, defaults, validation, state key and numbers.
+
+        buf = momentum * buf + (1 - momentum) * g        (a lerp of buf towards g)
+        u = (1 - momentum) * g + momentum * buf if nesterov else buf
+        p = p * (1 - lr * weight_decay) - lr' * newton_schulz(u)
+        lr' = lr * sqrt(max(1, rows / cols))            adjust_lr_fn None or "original" (Jordan's)
+        lr' = lr * 0.2 * sqrt(max(rows, cols))          "match_rms_adamw" (Liu et al. 2025: the
+                                                        update's RMS then matches AdamW's)
+    """
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None):
+        if lr < 0.0:
+            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
+                                     f"{p.size()}")
+
+    @staticmethod
+    def adjusted_lr(lr, how, shape):
+        rows, cols = shape[:2]
+        return lr * (0.2 * math.sqrt(max(rows, cols)) if how == "match_rms_adamw" else math.sqrt(max(1, rows / cols)))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = _run_closure(closure)
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            params, grads = _params_with_grads(group)
+            for p, g in zip(params, grads):  # one matrix at a time: the iteration is per matrix
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(g)
+                buf.lerp_(g, 1 - momentum)
+                u = g.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-self.adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
 
 
 def cosine_lr(step, *, lr, min_lr, warmup_iters, decay_iters, hold=0.0):
