@@ -110,18 +110,16 @@ def png_unfilter(raw, rows, bpp):
         kind, line, up = lines[r, 0], lines[r, 1:], out[r]
         if kind == 0:
             out[r + 1] = line
-        elif kind == 1 and len(line) % bpp == 0:  # Sub: a running sum over each byte of a pixel
+        elif kind == 1:  # Sub: a running sum over each byte of a pixel (a row holds whole pixels)
             out[r + 1] = np.cumsum(line.reshape(-1, bpp), 0, dtype=np.uint8).reshape(-1)
         elif kind == 2:
             out[r + 1] = line + up
-        elif kind in (1, 3, 4):  # each byte depends on the one just decoded: a loop
+        elif kind in (3, 4):  # each byte depends on the one just decoded: a loop
             cur, above = bytearray(line.tobytes()), up.tobytes()
             for i in range(len(cur)):
                 a = cur[i - bpp] if i >= bpp else 0
                 b, c = above[i], above[i - bpp] if i >= bpp else 0
-                if kind == 1:
-                    pred = a
-                elif kind == 3:
+                if kind == 3:
                     pred = (a + b) >> 1
                 else:  # Paeth: the neighbour nearest to a + b - c
                     pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)

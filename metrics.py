@@ -566,6 +566,8 @@ def load_set(spec, split, data_dir, n, whole=False):
             a = np.load(spec, allow_pickle=False)
             if a.ndim == 2 and a.shape[1] == 2 and a.dtype.kind == "f":
                 return torch.from_numpy(a[:n]).float(), None  # 2D points
+            if whole:  # in the file's order; no labels, so no splits for a classifier
+                return torch.from_numpy(data.npy_images(spec)[:n]), None
         splits = data.load(spec, data_dir=data_dir)
     except (UsageError, ValueError, OSError) as e:
         raise UsageError(str(e).splitlines()[0] if str(e) else f"{spec}: cannot read it")
@@ -574,8 +576,6 @@ def load_set(spec, split, data_dir, n, whole=False):
         return s.batch(n, torch.Generator().manual_seed(int(split == "val")))[0], splits
     if s.info["kind"] != "image":
         raise UsageError(f"{spec} is text; metrics.py compares images or 2D points")
-    if whole and spec.endswith(".npy"):  # in the file's order
-        return torch.from_numpy(data.npy_images(spec)[:n]), splits
     if whole and (spec.endswith(".npz") or os.path.isdir(spec)):
         return torch.cat([splits["train"].images, splits["val"].images])[:n], splits
     return s.images[:n], splits

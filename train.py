@@ -623,7 +623,7 @@ class Trainer:
         self.setup_players()
         self.unit = {"tokens": "tok", "image": "img", "points": "pt"}.get(self.info["kind"], "ex")
         self.units_per_step = tcfg.batch_size * self.k * world * (self.info["shape"][0] if self.unit == "tok" else 1)
-        self.nonfinite = NonFinite(device)
+        self.nonfinite, self.labels = NonFinite(device), {}  # labels: see check_finite
         self.meter, self.rate_from = Meter(), None  # rate_from: (time, step) after the first step of fit()
         self.announce()
         # The time budget is the whole run's, not this process's, unless given anew.
@@ -770,10 +770,14 @@ class Trainer:
             into[key + tag] = into.get(key + tag, 0) + v / parts
 
     def check_finite(self, player, now, norm):
-        """(labels, a bool tensor of which of this step's loss, parts and gradient norm are finite)."""
-        prefix, tag = ("", "") if len(self.names) == 1 else (f"{player} ", f"_{player}")
-        labels = tuple(prefix + key.removesuffix(tag) for key in now)
-        labels += (prefix + "gradient",) if norm is not None else ()
+        """(labels, a bool tensor of which of this step's loss, parts and gradient norm are finite).
+        The labels are named once per player and set of parts, not every step."""
+        key = (player, *now, norm is not None)
+        labels = self.labels.get(key)
+        if labels is None:
+            prefix, tag = ("", "") if len(self.names) == 1 else (f"{player} ", f"_{player}")
+            labels = self.labels[key] = tuple(prefix + k.removesuffix(tag) for k in now) + \
+                ((prefix + "gradient",) if norm is not None else ())
         values = [*now.values()] + ([norm.to(self.device)] if norm is not None else [])
         return labels, torch.isfinite(torch.stack(values))
 
