@@ -240,8 +240,10 @@ class Model(nn.Module):
                                 posterior_mean_coef2=(1 - ac_prev) * (1 - betas).sqrt() / (1 - ac)).items():
             self.register_buffer(name, value, persistent=False)  # rebuilt from cfg, never stale
 
-    def parameters_of(self, player):
-        return self.parameters()
+    def io_layers(self):
+        """The layers that read the image and write the prediction (train.py: AdamW's under
+        --optimizer muon; Muon is for the maps between hidden features)."""
+        return [self.net.inp, self.net.out[-1]]
 
     def _at(self, name, t, x):
         """Schedule coefficient `name` at timesteps t [B], float32, shaped to broadcast over x."""

@@ -204,6 +204,12 @@ class Model(nn.Module):
     def parameters_of(self, player):
         return (self.discriminator if player == "discriminator" else self.generator).parameters()
 
+    def io_layers(self):
+        """The layers that read z or the data and write images or logits (train.py: AdamW's
+        under --optimizer muon; Muon is for the maps between hidden features)."""
+        g = [m for m in self.generator.net if isinstance(m, (nn.Linear, nn.ConvTranspose2d))]
+        return [g[0], g[-1], self.discriminator.features[0], self.discriminator.head]
+
     def forward(self, x, y=None, player="generator"):
         """The loss of `player` on a batch of real x (labels y), with fresh z."""
         y = y if self.cfg.num_classes else None

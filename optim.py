@@ -111,16 +111,12 @@ class Adam(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, maximize=False):
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        for ok, what in ((0.0 <= lr, f"learning rate: {lr}"), (0.0 <= eps, f"epsilon value: {eps}"),
+                         (0.0 <= betas[0] < 1.0, f"beta parameter at index 0: {betas[0]}"),
+                         (0.0 <= betas[1] < 1.0, f"beta parameter at index 1: {betas[1]}"),
+                         (0.0 <= weight_decay, f"weight_decay value: {weight_decay}")):
+            if not ok:  # torch.optim.Adam's checks and messages, in its order
+                raise ValueError(f"Invalid {what}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults)
@@ -213,7 +209,10 @@ def newton_schulz(g, coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7):
 
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024) for 2-D parameters (hidden weight matrices), as
-    torch.optim.Muon: same arguments, defaults, validation, state key and numbers.
+    torch.optim.Muon: same arguments, defaults, validation, state key and numbers. Added:
+    flatten=True takes a tensor of more dims as the matrix of its first dim by the rest: a
+    conv kernel [out, in, kh, kw] as [out, in * kh * kw] (a transposed conv's [in, out, ...]
+    as [in, out * kh * kw]), its lr adjusted by that shape.
 
         buf = momentum * buf + (1 - momentum) * g        (a lerp of buf towards g)
         u = (1 - momentum) * g + momentum * buf if nesterov else buf
@@ -224,21 +223,20 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
-                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None):
-        if lr < 0.0:
-            raise ValueError(f"Learning rate should be >= 0 but is: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"momentum should be >= 0 but is: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"weight decay should be >= 0 but is: {weight_decay}")
+                 ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
+                 flatten=False):
+        for value, what in ((lr, "Learning rate"), (momentum, "momentum"), (weight_decay, "weight decay")):
+            if value < 0.0:  # torch.optim.Muon's checks and messages, in its order
+                raise ValueError(f"{what} should be >= 0 but is: {value}")
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults)
+        self.flatten = flatten
         for group in self.param_groups:
             for p in group["params"]:
-                if p.ndim != 2:
+                if p.ndim != 2 and not (flatten and p.ndim > 2):
                     raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
                                      f"{p.size()}")
 
@@ -259,9 +257,10 @@ class Muon(torch.optim.Optimizer):
                     buf = self.state[p]["momentum_buffer"] = torch.zeros_like(g)
                 buf.lerp_(g, 1 - momentum)
                 u = g.lerp(buf, momentum) if group["nesterov"] else buf
+                u = u.flatten(1)
                 update = newton_schulz(u, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-self.adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+                p.add_(update.reshape(p.shape), alpha=-self.adjusted_lr(lr, group["adjust_lr_fn"], u.shape))
         return loss
 
 
@@ -302,8 +301,7 @@ def decay_start(warmup_iters, decay_iters, hold):
 def grad_norm(params, foreach=True):
     """The global L2 norm of the grads, as a 0-dim tensor (accumulated in at least fp32),
     without .item(): no host-device sync. A non-finite grad gives a non-finite norm."""
-    if isinstance(params, torch.Tensor):
-        params = [params]
+    params = [params] if isinstance(params, torch.Tensor) else params
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
@@ -351,15 +349,12 @@ def weight_decay_groups(model_or_named_params, weight_decay):
     Accepts an nn.Module or an iterable of (name, param). Params with requires_grad=False are
     left out, and a tensor reachable under two names (tied weights) appears once.
     """
-    if isinstance(model_or_named_params, torch.nn.Module):
-        named = model_or_named_params.named_parameters()
-    else:
-        named = model_or_named_params
+    named = model_or_named_params
+    named = named.named_parameters() if isinstance(named, torch.nn.Module) else named
     decay, no_decay, seen = [], [], set()
     for _, p in named:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

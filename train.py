@@ -15,7 +15,8 @@ file that defines at least (the model contract; README.md has it in full):
         def sample(self, n, y=None): ...   # -> n images in [-1, 1], or 2D points
 
 and may add PRESETS, DATA and the hooks players, parameters_of, forward's player=,
-lr_mult, batch_multiple, a buffer step, reconstruct, interpolate, generate and nll.
+lr_mult, batch_multiple, io_layers, a buffer step, reconstruct, interpolate, generate
+and nll.
 Without them a model is one player, "model", whose optimizer steps every parameter.
 Every field of TrainConfig below and of the model's Config is a flag; a preset sets
 several at once; flags on the command line win over the preset, which wins over the
@@ -77,7 +78,8 @@ class TrainConfig:
     max_iters: int = 2000           # optimizer steps
     max_time: float = 0.0           # wall-clock budget in seconds (0: none); the run stops, evaluates and
                                     # saves
-    optimizer: str = "adamw"        # adamw, adam or sgd (from optim.py)
+    optimizer: str = "adamw"        # adamw, adam, sgd, or muon: Muon for hidden matrices (conv kernels too),
+                                    # AdamW for embeddings, input and output layers, gains and biases
     lr: float = 1e-3                # peak learning rate
     min_lr: float = 1e-4            # floor of the cosine decay
     warmup_iters: int = 100         # linear warmup steps
@@ -87,6 +89,7 @@ class TrainConfig:
     weight_decay: float = 0.1       # applied to tensors of 2+ dimensions only
     beta1: float = 0.9              # Adam beta1; SGD momentum
     beta2: float = 0.95             # Adam beta2
+    muon_momentum: float = 0.95     # Muon's momentum (Nesterov)
     grad_clip: float = 1.0          # clip the global gradient norm to this (0: off)
     skip_nonfinite: bool = False    # skip a player's update whose loss or gradient is not finite, counted
                                     # in the log, rather than stop (one device sync per player and step)
@@ -149,8 +152,10 @@ def check(tcfg):
                          f"(0: cosine from the start)")
     if not 0 <= tcfg.ema < 1:
         raise UsageError(f"--ema {tcfg.ema}: a decay in [0, 1), e.g. 0.999 (0: off)")
-    if tcfg.optimizer not in ("adamw", "adam", "sgd"):
-        raise UsageError(f"--optimizer {tcfg.optimizer}: choose adamw, adam or sgd")
+    if tcfg.optimizer not in ("adamw", "adam", "sgd", "muon"):
+        raise UsageError(f"--optimizer {tcfg.optimizer}: choose adamw, adam, sgd or muon")
+    if not 0 <= tcfg.muon_momentum < 1:
+        raise UsageError(f"--muon-momentum {tcfg.muon_momentum}: a momentum in [0, 1), e.g. 0.95")
     if tcfg.dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise UsageError(f"--dtype {tcfg.dtype}: choose auto, bf16, fp16 or fp32")
 
@@ -225,6 +230,10 @@ def resume_from(tcfg, mcfg, given, ckpt_path):
     conf = ckpt["config"]
     if model_name(conf["model"]) != model_name(tcfg.model):
         raise UsageError(f"{ckpt_path} holds a {conf['model']} model, not {tcfg.model}")
+    if "optimizer" in given and conf["train_config"].get("optimizer", "adamw") != tcfg.optimizer:
+        raise UsageError(f"--optimizer {tcfg.optimizer}: {ckpt_path} was trained with "
+                         f"{conf['train_config'].get('optimizer', 'adamw')}, whose state it holds; drop the flag to "
+                         f"resume, or start afresh from its weights with --init-from")
     for cfg, stored in ((tcfg, conf["train_config"]), (mcfg, conf["model_config"])):
         for f in dataclasses.fields(cfg):
             if f.name not in stored and f.name not in given and f.default is not dataclasses.MISSING:
@@ -401,14 +410,60 @@ def make_optimizers(model, tcfg):
     optimizers = {}
     for player in dict.fromkeys(players(model)):
         ids = {id(p) for p in parameters_of(model, player)}
-        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
-        groups = optim.weight_decay_groups(named, tcfg.weight_decay)
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids and p.requires_grad]
+        hidden = muon_matrices(model) if tcfg.optimizer == "muon" else set()
+        groups = optim.weight_decay_groups([(n, p) for n, p in named if id(p) not in hidden], tcfg.weight_decay)
         if tcfg.optimizer == "sgd":
             optimizers[player] = optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.beta1)
-        else:
-            cls = optim.AdamW if tcfg.optimizer == "adamw" else optim.Adam
-            optimizers[player] = cls(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+            continue
+        cls = optim.Adam if tcfg.optimizer == "adam" else optim.AdamW
+        optimizers[player] = cls(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+        matrices = [p for _, p in named if id(p) in hidden]
+        if matrices:
+            # Muon's update is rescaled to AdamW's RMS (0.2 sqrt(max(rows, cols)), Liu et al.
+            # 2025), so one --lr, one schedule and one decoupled weight decay serve both.
+            muon = optim.Muon(matrices, lr=tcfg.lr, weight_decay=tcfg.weight_decay, momentum=tcfg.muon_momentum,
+                              adjust_lr_fn="match_rms_adamw", flatten=True)
+            optimizers[player] = Optimizers(muon, optimizers[player])
     return optimizers
+
+
+def muon_matrices(model):
+    """The ids of the tensors Muon takes: every one of 2 or more dims but embeddings and
+    the weights of the model's io_layers() (those that read the data or noise in, or
+    write the output), which are not maps between hidden features: their updates stay
+    AdamW's, as in Jordan et al.'s Muon and modded-nanogpt. Nor a tensor marked
+    no_weight_decay (a density's parameters, such as the VAE prior's means), which is
+    no map at all. Tied weights are one tensor."""
+    outside = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    io = model.io_layers() if hasattr(model, "io_layers") else []
+    outside |= {id(p) for m in io for p in m.parameters()}
+    return {id(p) for p in model.parameters()
+            if p.dim() >= 2 and id(p) not in outside and not getattr(p, "no_weight_decay", False)}
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon's matrices, AdamW's rest). param_groups
+    lists every group of each, so the lr schedule, clipping and the GradScaler, which
+    read param_groups, reach every parameter."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    @property
+    def param_groups(self):  # read afresh: load_state_dict replaces each part's groups
+        return [g for opt in self.parts for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.parts:
+            opt.step()
+
+    def state_dict(self):
+        return {"parts": [opt.state_dict() for opt in self.parts]}
+
+    def load_state_dict(self, state):
+        for opt, part in zip(self.parts, state["parts"], strict=True):
+            opt.load_state_dict(part)
 
 
 @dataclass

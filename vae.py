@@ -148,6 +148,11 @@ class Model(nn.Module):
     def parameters_of(self, player):
         return self.parameters()
 
+    def io_layers(self):
+        """The layers that read x and write the decoder's distribution (train.py: AdamW's
+        under --optimizer muon; Muon is for the maps between hidden features)."""
+        return [self.encoder[0], self.decoder[-1]]
+
     def encode(self, x):
         """q(z|x): (mean, log-variance), each [B, z_dim]."""
         mean, logvar = self.encoder(x).float().chunk(2, 1)

@@ -435,3 +435,25 @@ def test_resume_of_a_run_from_before_a_setting_existed(tmp_path):
     assert resumed["step"] == 4
     assert conf["model_config"]["z_classes"] == 0 and conf["train_config"]["lr_hold"] == train.TrainConfig.lr_hold
     assert conf["model_config"]["d_lr_mult"] == 1.0  # stored, so the checkpoint's, not the preset's 2.0
+
+
+@pytest.mark.summation_order
+def test_muon_steps_every_player_and_two_processes_equal_one(tmp_path):
+    """--optimizer muon on both players (D twice a step), 2 processes against 1 with 2
+    micro-batches. Muon takes each player's hidden matrices (the h x h layers), AdamW the
+    layers that read z or the data and write points or logits."""
+    same = [*POINTS, "--max-iters", "3", "--eval-interval", "3", "--d-steps", "2", "--optimizer", "muon",
+            "--no-spectral-norm"]
+    run(*same, "--grad-accum", "2", "--out-dir", str(tmp_path / "one"))
+    r = run(*same, "--out-dir", str(tmp_path / "two"), nproc=2)
+    assert "2 process(es)" in r.stdout
+    a, b = ckpt(tmp_path / "one"), ckpt(tmp_path / "two")
+    start = weights_at_start(a)
+    model = gan.Model(gan.Config(point_dim=2, width=8, z_dim=4, spectral_norm=False))
+    hidden = {n for n, p in model.named_parameters() if id(p) in train.muon_matrices(model)}
+    assert hidden == {"generator.net.2.weight", "generator.net.4.weight", "discriminator.features.2.weight",
+                      "discriminator.features.4.weight"}
+    assert all(not torch.equal(a["model"][k], start[k]) for k in a["model"] if k.endswith(("weight", "bias")))
+    # equal in exact arithmetic: each step's gradients within fp32's summation error, Muon's
+    # bf16 iteration then within its allowance (tolerances.py)
+    assert_displacements_agree(a["model"], b["model"], start, POINTS_REDUCTION, terms=128, steps=3, muon=hidden)

@@ -468,3 +468,30 @@ def test_muon_refuses_what_torch_refuses():
             optim.Muon([torch.zeros(2, 2, requires_grad=True)], **bad)
     with pytest.raises(ValueError, match="2D parameters"):
         optim.Muon([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="2D parameters"):  # a conv kernel: only with flatten=True
+        optim.Muon([torch.zeros(3, 2, 3, 3, requires_grad=True)])
+    with pytest.raises(ValueError, match="2D parameters"):
+        optim.Muon([torch.zeros(3, requires_grad=True)], flatten=True)
+
+
+@pytest.mark.parametrize("adjust", [None, "match_rms_adamw"])
+def test_muon_flattened_kernels_step_as_their_matrices(adjust):
+    """flatten=True on conv kernels [out, in, kh, kw] is Muon on the matrices [out, in*kh*kw]
+    that hold the same numbers, gradients reshaped alike: the same operations, bit for bit
+    (tall, wide and square once flattened), over 100 steps; torch.optim.Muon on those
+    matrices is checked against optim.Muon above."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(40, 2, 3, 3), (6, 4, 3, 3), (36, 4, 3, 3)]  # as matrices 40 x 18, 6 x 36, 36 x 36
+    kernels = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    matrices = [k.detach().flatten(1).clone().requires_grad_() for k in kernels]
+    xs = [torch.randn(5, s[1], 6, 6, generator=g) for s in shapes]
+    a = optim.Muon(kernels, lr=0.01, adjust_lr_fn=adjust, flatten=True)
+    b = optim.Muon(matrices, lr=0.01, adjust_lr_fn=adjust)
+    for step in range(STEPS):
+        a.zero_grad()
+        sum((torch.nn.functional.conv2d(x, k) ** 2).mean() for k, x in zip(kernels, xs)).backward()
+        for k, m in zip(kernels, matrices):
+            m.grad = k.grad.flatten(1).clone()
+        a.step()
+        b.step()
+        assert all(torch.equal(k.detach().flatten(1), m.detach()) for k, m in zip(kernels, matrices)), step

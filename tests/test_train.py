@@ -75,9 +75,11 @@ def test_micro_batches_equal_one_big_batch(tmp_path, corpus, optimizer):
                                terms=8 * 32, steps=4, adam=optimizer[1] == "adamw")
 
 
-def test_resume_continues_exactly(tmp_path, corpus):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(tmp_path, corpus, optimizer):
     # dropout on, so the noise must continue exactly too (it is seeded by step, not restored)
-    same = ["--eval-interval", "3", "--lr-decay-iters", "8", "--dropout", "0.1", "--batch-size", "4"]
+    same = ["--eval-interval", "3", "--lr-decay-iters", "8", "--dropout", "0.1", "--batch-size", "4",
+            "--optimizer", optimizer]
     assert train.main(args(tmp_path, corpus, "whole", *same, "--max-iters", "8")) == 0
     assert train.main(args(tmp_path, corpus, "parts", *same, "--max-iters", "5")) == 0
     assert train.main(args(tmp_path, corpus, "parts", *same, "--max-iters", "8", "--resume")) == 0
@@ -380,3 +382,65 @@ def test_compile_check_answers_without_compiling():
     why = common.compile_unavailable(torch.device("cpu"))
     assert why is None or isinstance(why, str) and why
     assert common.compile_unavailable(torch.device("cpu")) == why
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    """--optimizer muon: which tensors each optimizer steps, against lists written out here."""
+    import diffusion
+    import gpt
+    tcfg = train.TrainConfig(optimizer="muon")
+    m = gpt.Model(gpt.Config(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40))
+    (muon, adamw), = [o.parts for o in train.make_optimizers(m, tcfg).values()]
+    names = {id(p): n for n, p in m.named_parameters()}
+    hidden = {f"h.{i}.{w}.weight" for i in range(2) for w in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == hidden
+    rest = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert rest == set(names.values()) - hidden and "wte.weight" in rest  # the embedding, tied to the head
+    # a conditional U-Net: every conv and linear kernel but the first and last conv and the
+    # label embedding; conv kernels are stepped by Muon as matrices (flatten)
+    m = diffusion.Model(diffusion.Config(image_size=8, base=8, mults=(1, 2), attn_res=(4,), num_classes=3))
+    (muon, adamw), = [o.parts for o in train.make_optimizers(m, tcfg).values()]
+    names = {id(p): n for n, p in m.named_parameters()}
+    got = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert got == {n for n, p in m.named_parameters() if p.dim() >= 2} - {
+        "net.inp.weight", "net.out.2.weight", "net.label.weight"}
+    assert muon.flatten and any(p.dim() == 4 for p in muon.param_groups[0]["params"])
+    # the VAE: its conv and linear kernels but the first and last, and not the mixture
+    # prior's means and log-variances, a density's parameters (no weight decay either)
+    import vae
+    m = vae.Model(vae.Config(image_size=8, prior_components=4))
+    (muon, adamw), = [o.parts for o in train.make_optimizers(m, tcfg).values()]
+    names = {id(p): n for n, p in m.named_parameters()}
+    got = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert got == {n for n, p in m.named_parameters() if p.dim() >= 2} - {
+        "encoder.0.weight", "decoder.9.weight", "prior_means", "prior_logvars"}
+
+
+def test_muon_step_is_torch_muon_and_adamw():
+    """The optimizer train.py builds for --optimizer muon steps a GPT as torch.optim.Muon
+    (matrices, match_rms_adamw, the run's lr, weight decay and momentum) and torch.optim.AdamW
+    (the rest, decay on the embedding only) would: the same operations, bit for bit."""
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("this torch has no torch.optim.Muon (since 2.9)")
+    import copy
+    import gpt
+    tcfg = train.TrainConfig(optimizer="muon", lr=0.01, weight_decay=0.1, muon_momentum=0.9, beta1=0.8, beta2=0.9)
+    torch.manual_seed(0)
+    a = gpt.Model(gpt.Config(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40))
+    b = copy.deepcopy(a)
+    ours, = train.make_optimizers(a, tcfg).values()
+    matrices = [p for n, p in b.named_parameters() if n.startswith("h.") and p.dim() == 2]
+    others = [p for p in b.parameters() if all(p is not q for q in matrices)]
+    theirs = [torch.optim.Muon(matrices, lr=0.01, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw"),
+              torch.optim.AdamW([{"params": [p for p in others if p.dim() >= 2], "weight_decay": 0.1},
+                                 {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}],
+                                lr=0.01, betas=(0.8, 0.9))]
+    x = torch.randint(0, 40, (4, 9), generator=torch.Generator().manual_seed(1))
+    for step in range(10):
+        for model in (a, b):
+            model.zero_grad()
+            model(x[:, :-1], x[:, 1:])[0].backward()
+        ours.step()
+        for opt in theirs:
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), step
