@@ -25,6 +25,10 @@ class Config:
     n_embd: int = 384         # width of the residual stream
     dropout: float = 0.0      # dropout on attention weights and residual branches
     bias: bool = True         # biases in Linear layers and LayerNorms, as GPT-2 has
+    n_expert: int = 0         # 0: the dense MLP; E > 0: a mixture of E expert MLPs in every block
+    expert_top_k: int = 1     # experts per token, each 4 * n_embd / k wide: as many active weights as
+                              # the dense MLP
+    balance_coef: float = 0.01  # weight of Switch's load-balancing loss, summed over the blocks
 
 
 # A preset may set Config fields and train.py's TrainConfig fields (names never clash).
@@ -76,10 +80,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, hidden=None):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        hidden = hidden or 4 * cfg.n_embd
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -88,17 +93,60 @@ class MLP(nn.Module):
         return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
+class MoE(nn.Module):
+    """A mixture of experts (Switch Transformer, Fedus et al. 2021; top-k as in GShard and
+    Mixtral): a router, one linear layer, scores the E expert MLPs for each token; the
+    token goes to its top k, and its output is their outputs weighted by the router's
+    softmax probabilities renormalised over those k (with k = 1 the probability itself,
+    as in Switch: a renormalised 1 would carry no gradient to the router). Every token is
+    served (no capacity limit, none dropped): the token-expert pairs are sorted by
+    expert, and each expert runs once, on its contiguous slice (an empty one too, so that
+    every expert's weights get a gradient, zero or not, as DDP requires)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.k = cfg.expert_top_k
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, 4 * cfg.n_embd // self.k) for _ in range(cfg.n_expert))
+
+    def forward(self, x, stats=None):
+        """x [B, T, C] -> [B, T, C]. stats, a list, gets (balance loss, busiest expert's
+        share of the token-expert pairs) of this call."""
+        shape, E = x.shape, len(self.experts)
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(_at_least_fp32(self.router(x)), dim=-1)  # [N, E], in fp32 under autocast
+        gates, chosen = probs.topk(self.k, dim=-1)          # [N, k]
+        gates = gates / gates.sum(-1, keepdim=True) if self.k > 1 else gates
+        order = chosen.flatten().argsort(stable=True)       # the N * k pairs, grouped by expert
+        token = order // self.k
+        counts = torch.bincount(chosen.flatten(), minlength=E)
+        xs, out = x[token], x.new_empty(len(token), shape[-1])
+        start = 0
+        for e, n in enumerate(counts.tolist()):  # one call per expert, never per token
+            out[start:start + n] = self.experts[e](xs[start:start + n])
+            start += n
+        y = torch.zeros_like(x).index_add_(0, token, out * gates.flatten()[order, None].to(out.dtype))
+        if stats is not None:
+            # Switch's loss: E * sum_i f_i P_i, f_i the share of pairs sent to expert i, P_i
+            # its mean router probability; 1 when both are uniform, and its gradient
+            # (through P) pulls probability away from the busy experts.
+            share = counts.float() / counts.sum()
+            stats.append((E * (share * probs.mean(0)).sum(), share.max()))
+        return y.view(shape)
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.n_expert else MLP(cfg)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, stats=None):
         x = x + self.attn(self.ln_1(x), cache)  # pre-LayerNorm: the residual stream is never normalised
-        return x + self.mlp(self.ln_2(x))
+        h = self.ln_2(x)
+        return x + (self.mlp(h, stats) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Model(nn.Module):
@@ -114,6 +162,11 @@ class Model(nn.Module):
             raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        if cfg.n_expert < 0 or (cfg.n_expert and not 1 <= cfg.expert_top_k <= cfg.n_expert):
+            raise ValueError(f"n_expert must be 0 (dense) or more, and expert_top_k in 1..n_expert "
+                             f"(got {cfg.n_expert}, {cfg.expert_top_k})")
+        if cfg.n_expert and (4 * cfg.n_embd) % cfg.expert_top_k:
+            raise ValueError(f"expert_top_k {cfg.expert_top_k} must divide 4 * n_embd ({4 * cfg.n_embd})")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
@@ -145,8 +198,9 @@ class Model(nn.Module):
         self.cfg.block_size = block_size
         self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
 
-    def logits(self, idx, caches=None):
-        """idx [B, T] token ids -> logits [B, T, vocab]. With caches, positions continue after them."""
+    def logits(self, idx, caches=None, stats=None):
+        """idx [B, T] token ids -> logits [B, T, vocab]. With caches, positions continue after
+        them; stats, a list, gets each MoE block's (balance loss, busiest share)."""
         B, T = idx.shape
         start = caches[0]["pos"] if caches else 0
         if start > 0 and T > 1:  # the attention mask below covers a prefill or one new token
@@ -156,19 +210,28 @@ class Model(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for i, block in enumerate(self.h):
-            x = block(x, caches[i] if caches else None)
+            x = block(x, caches[i] if caches else None, stats)
         if caches:
             for c in caches:
                 c["pos"] += T
         return self.lm_head(self.ln_f(x))
 
     def forward(self, x, y=None, player="model"):
-        """Next-token cross-entropy in nats per token. Without y, x predicts itself shifted by one."""
+        """Next-token cross-entropy in nats per token. Without y, x predicts itself shifted by
+        one. With experts, in training, plus balance_coef times the blocks' summed balance
+        losses (a regularizer of the routers, so held-out losses and bits/byte are the
+        cross-entropy alone); the parts logged: the cross-entropy, the mean balance loss (1:
+        balanced) and the busiest expert's share of the pairs, averaged over the blocks."""
         if y is None:
             x, y = x[:, :-1], x[:, 1:]
-        logits = _at_least_fp32(self.logits(x))  # bf16 logits would round the loss
+        stats = []
+        logits = _at_least_fp32(self.logits(x, stats=stats))  # bf16 logits would round the loss
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
-        return loss, {}
+        if not stats:
+            return loss, {}
+        balance, busiest = (torch.stack(s) for s in zip(*stats))
+        parts = {"ce": loss.detach(), "balance": balance.mean().detach(), "busiest": busiest.mean()}
+        return (loss + self.cfg.balance_coef * balance.sum() if self.training else loss), parts
 
     @torch.no_grad()
     def nll(self, x, y=None):
