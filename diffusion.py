@@ -350,8 +350,8 @@ class Model(nn.Module):
         (DDPM) sampling over all T with the model's variance; otherwise DDIM over `steps`
         respaced timesteps with noise eta (eta=1 over all T is ancestral with beta-tilde).
         The last step returns x0-hat. Flow: Euler over `steps` (see sample_flow), returning
-        the ODE's end point, unclamped. y: labels [n] for a conditional model (None: the unconditional
-        model); guidance: see output. progress: wraps the step iterator."""
+        the ODE's end point, unclamped. y: labels [n] for a conditional model (None: the
+        unconditional model); guidance: see output. progress: wraps the step iterator."""
         device = self.betas.device
         shape = (n, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
         x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.to(device)

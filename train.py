@@ -408,10 +408,10 @@ def make_optimizers(model, tcfg):
     """{player: optimizer}, one per player (a player may be listed more than once: it
     steps that often), weight decay on matrices and embeddings only."""
     optimizers = {}
+    hidden = muon_matrices(model) if tcfg.optimizer == "muon" else set()  # the model's, whoever's player
     for player in dict.fromkeys(players(model)):
         ids = {id(p) for p in parameters_of(model, player)}
         named = [(n, p) for n, p in model.named_parameters() if id(p) in ids and p.requires_grad]
-        hidden = muon_matrices(model) if tcfg.optimizer == "muon" else set()
         groups = optim.weight_decay_groups([(n, p) for n, p in named if id(p) not in hidden], tcfg.weight_decay)
         if tcfg.optimizer == "sgd":
             optimizers[player] = optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.beta1)
