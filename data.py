@@ -68,6 +68,11 @@ class ByteTokenizer:
         # a model with a padded vocabulary can emit ids past 255: they carry no byte
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def decode_bytes(self, ids):
+        """The raw bytes of a stream of ids (numpy, fast for a whole split)."""
+        ids = np.asarray(ids)
+        return ids[ids < 256].astype(np.uint8).tobytes()
+
     def encode_doc(self, text):
         # documents are concatenated exactly as they are, with no separator: the
         # stream then equals the files' bytes and bytes_per_token is exactly 1.0
@@ -87,6 +92,15 @@ class TiktokenTokenizer:
 
     def decode(self, ids):
         return self.enc.decode([i for i in ids if i < self.vocab_size])  # padded vocabularies
+
+    def decode_bytes(self, ids):
+        """The raw bytes of a stream of ids, each end-of-text as one NUL byte (a byte
+        source text does not hold), so that documents stay apart."""
+        ids = np.asarray(ids, dtype=np.int64)
+        ids = ids[ids < self.vocab_size]
+        ends = np.flatnonzero(ids == self.eot)
+        docs = np.split(ids, ends)  # every piece after the first starts with its eot
+        return b"\0".join(self.enc.decode_bytes((d[1:] if i else d).tolist()) for i, d in enumerate(docs))
 
     def encode_doc(self, text):
         return np.array(self.enc.encode_ordinary(text) + [self.eot], dtype=np.uint32)
@@ -797,4 +811,6 @@ def load(name, *, tokenizer="bytes", data_dir="data", block_size=256, channels=N
                 "bytes_per_token": meta["bytes_per_token"], "num_tokens": len(tokens),
                 "tokenizer": tok.name, "num_classes": None}
         out[s] = TokenSplit(tokens, block_size, info)
+        # what a cache derived from this split's text (metrics.py's copy index) is keyed by
+        out[s].cache_path, out[s].fingerprint = paths[s], meta["source"]
     return out
