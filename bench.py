@@ -6,6 +6,7 @@ Benchmarks: measured on this machine, in this process, each beside its baseline.
     python bench.py sample                            # KV cache on/off; diffusion full-T vs DDIM-50
     python bench.py optim                             # optim.AdamW vs torch.optim.AdamW(foreach=True)
     python bench.py frechet [--dim 2048]              # our Frechet distance vs scipy's sqrtm route
+    python bench.py copy-index [--data pystdlib]      # metrics.py's copy index of the train text vs np.unique
 
 train: train.py itself, run in this process on the preset's batch and real data: --steps
 steps warming up (compile, allocator, kernel choice), then --intervals log intervals of
@@ -30,6 +31,9 @@ largest difference in the parameters after the same steps.
 frechet: metrics.frechet_distance (two symmetric eigendecompositions, float64) against
 the route pytorch-fid takes (scipy.linalg.sqrtm of the non-symmetric product S1 S2). The
 scipy side runs only where scipy is installed (it is not a dependency).
+copy-index: metrics.build_copy_index (hash every --copy-span-byte window of the train
+text, np.sort, drop repeats) against the same hashes through np.unique, its distinct
+windows equal; then the lookup rate of a sample's windows in the index (bytes/s).
 """
 import argparse
 import contextlib
@@ -47,6 +51,7 @@ import torch
 from torch.utils import flop_counter
 
 import common
+import data
 import metrics
 import optim
 import train
@@ -393,6 +398,27 @@ def bench_frechet(dim, repeats):
     return row
 
 
+# ---- the copy index ------------------------------------------------------------------
+
+def bench_copy_index(name, data_dir, span):
+    """metrics.py's copy index of a text dataset's train split, built here without its
+    cache, against np.unique of the same hashes; and looking up the val text in it."""
+    tok = data.get_tokenizer("bytes")
+    splits = data.load(name, data_dir=data_dir, block_size=1)
+    if splits["train"].info["kind"] != "tokens":
+        raise UsageError(f"--data {name} is not text; copy-index indexes a text dataset (pystdlib, a .txt "
+                         f"file or folder)")
+    text, val = tok.decode_bytes(splits["train"].tokens), tok.decode_bytes(splits["val"].tokens)
+    ours_s, index = timed(lambda: metrics.build_copy_index(text, span), 1)
+    ref_s, ref = timed(lambda: np.unique(metrics.window_hashes(text, span)), 1)
+    look_s, hits = timed(lambda: metrics.copied_windows(val, index, span), 3)
+    return {"what": "copy-index", "data": name, "span": span, "train_bytes": len(text), "distinct": len(index),
+            "build_s": ours_s, "np_unique_s": ref_s, "speedup": ref_s / ours_s,
+            "equal": bool(np.array_equal(index, ref)),
+            "index_mib": index.nbytes / 2**20, "lookup_bytes_per_s": len(val) / look_s,
+            "val_windows_found": float(hits.mean()) if len(hits) else 0.0}
+
+
 # ---- the table ---------------------------------------------------------------------------
 
 def fmt(v, spec=".3g"):
@@ -438,6 +464,11 @@ def print_table(rows):
             print(f"optim {r['model']} ({r['params_m']:.1f}M): {r['side']}: {r['ours_ms']:.0f} / "
                   f"{r['torch_ms']:.0f} ms per step = {r['ratio']:.2f}x; largest parameter difference "
                   f"{r['max_param_diff']:.1e}")
+        elif r["what"] == "copy-index":
+            print(f"copy-index {r['data']} ({r['train_bytes']:,} train bytes, {r['span']}-byte windows, "
+                  f"{r['distinct']:,} distinct, {r['index_mib']:.0f} MiB): built in {r['build_s']:.1f} s, "
+                  f"np.unique {r['np_unique_s']:.1f} s = {r['speedup']:.1f}x, equal: {r['equal']}; lookup "
+                  f"{r['lookup_bytes_per_s'] / 1e6:.1f} MB/s, {r['val_windows_found']:.1%} of val's windows found")
         elif r["what"] == "frechet":
             print("frechet " + ", ".join(f"{k} {fmt(v, '.6g')}" for k, v in r.items() if k != "what"))
 
@@ -446,8 +477,9 @@ def main(argv=None):
     p = common.Parser(prog="bench.py", description=__doc__.strip().split("\n\n")[0],
                                 epilog=__doc__.strip().split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="all", choices=["all", "train", "sample", "optim", "frechet"],
-                   help="what to measure (default: all but frechet)")
+    p.add_argument("what", nargs="?", default="all",
+                   choices=["all", "train", "sample", "optim", "frechet", "copy-index"],
+                   help="what to measure (default: all but frechet and copy-index)")
     p.add_argument("--models", default=DEFAULT_MODELS,
                    help="train: model:preset pairs, comma-separated (default: %(default)s)")
     p.add_argument("--compare", default="",
@@ -465,14 +497,17 @@ def main(argv=None):
                    help="frechet: feature dimension (default: %(default)s, pool3's)")
     p.add_argument("--repeats", type=int, default=3,
                    help="frechet: best of this many runs (default: %(default)s)")
+    p.add_argument("--data", default="pystdlib", help="copy-index: a text dataset (default: %(default)s)")
+    p.add_argument("--data-dir", default="data", help="copy-index: its token cache (default: %(default)s)")
+    p.add_argument("--copy-span", type=int, default=50, help="copy-index: window bytes (default: %(default)s)")
     p.add_argument("--json", default="", help="also write every figure here")
     p.add_argument("--", dest="extra", metavar="FLAGS", help="train: what follows goes to train.py's parser "
                    "for every row, e.g. -- --batch-size 8")
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
-    if args.dim < 2 or min(args.repeats, args.steps, args.intervals, args.rounds) < 1:
-        p.error("--dim must be at least 2, --repeats, --steps, --intervals and --rounds at least 1")
+    if args.dim < 2 or min(args.repeats, args.steps, args.intervals, args.rounds, args.copy_span) < 1:
+        p.error("--dim must be at least 2, --repeats, --steps, --intervals, --rounds and --copy-span at least 1")
     sides = [("auto", False)]
     if args.compare:
         names = args.compare.split(",")
@@ -496,6 +531,8 @@ def main(argv=None):
             rows += bench_optim(device)
         if args.what == "frechet":
             rows.append(bench_frechet(args.dim, args.repeats))
+        if args.what == "copy-index":
+            rows.append(bench_copy_index(args.data, args.data_dir, args.copy_span))
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130

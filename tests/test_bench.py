@@ -90,3 +90,19 @@ def test_a_run_that_stops_early_or_a_chosen_out_dir_is_one_line(tmp_path, capsys
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and ("--out-dir" in err[-1] or "stopped before step 8" in err[-1]), err  # (1 + 3 intervals) x 2 steps
+
+
+def test_copy_index_row_is_the_np_unique_index_and_counts_the_val_windows(tmp_path, capsys):
+    text = "".join(f"line {i * 7919 % 1000:03d} of the corpus, and more words\n" for i in range(400))
+    (tmp_path / "t.txt").write_text(text)
+    path = tmp_path / "b.json"
+    assert bench.main(["copy-index", "--data", str(tmp_path / "t.txt"), "--data-dir", str(tmp_path / "d"),
+                       "--copy-span", "20", "--json", str(path)]) == 0
+    assert "copy-index" in capsys.readouterr().out
+    row = json.load(open(path))["rows"][0]
+    train_text = text.encode()[:len(text) - len(text) * 5 // 100]  # one file: the last 5% is val
+    windows = {train_text[i:i + 20] for i in range(len(train_text) - 19)}
+    assert row["equal"] and row["train_bytes"] == len(train_text) and row["distinct"] == len(windows)
+    val = text.encode()[len(train_text):]  # each line's tail recurs in train, its number does not
+    want = sum(val[i:i + 20] in train_text for i in range(len(val) - 19)) / (len(val) - 19)
+    assert row["val_windows_found"] == want and 0 < want < 1
