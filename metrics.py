@@ -227,15 +227,16 @@ def copy_index(split, train_text, span, log=print):
         pass
     t0 = time.time()
     index = build_copy_index(train_text, span)
-    log(f"copy index: {len(index):,} distinct {span}-byte windows of {len(train_text):,} train bytes "
-        f"in {time.time() - t0:.1f}s, cached in {path}")
+    built = (f"copy index: {len(index):,} distinct {span}-byte windows of {len(train_text):,} train bytes "
+             f"in {time.time() - t0:.1f}s")
     try:
         common.atomic_write(path, lambda f: np.save(f, index))
         for stale in glob.glob(glob.escape(base) + "-*.npy"):  # indexes of older sources
             if stale != path:
                 os.remove(stale)
+        log(f"{built}, cached in {path}")
     except OSError as e:  # a read-only data dir: the index is rebuilt each time
-        log(f"copy index: could not cache it in {path} ({e.strerror})")
+        log(f"{built}; could not cache it in {path} ({e.strerror or e}), so it is rebuilt each time")
     return index
 
 
@@ -251,13 +252,14 @@ def copied_windows(text, index, span):
     return index[np.minimum(at, len(index) - 1)] == h
 
 
-def copied_bytes(hits, span):
-    """bool [len(hits) + span - 1]: the bytes that lie inside some copied window (a
+def copied_bytes(hits, span, length):
+    """bool [length]: which bytes of a text of that length (len(hits) + span - 1, or
+    shorter than span and so without windows) lie inside some copied window (a
     difference array: +1 where a hit window starts, -1 where it ends)."""
-    d = np.zeros(len(hits) + span, np.int64)
+    d = np.zeros(max(len(hits) + span, length + 1), np.int64)
     d[:len(hits)] += hits
     d[span:span + len(hits)] -= hits
-    return np.cumsum(d)[:len(hits) + span - 1] > 0
+    return np.cumsum(d)[:length] > 0
 
 
 def longest_in(text, lo, hi, find, span):
@@ -268,7 +270,7 @@ def longest_in(text, lo, hi, find, span):
     by piece, bisecting each piece's end (a piece of train stays one when shortened) and
     the next piece's start (the first that reaches further)."""
     best, a = (lo, 0, -1), lo
-    while hi - a > best[1]:
+    while hi - a > max(best[1], span - 1):  # shorter than span after a collision: no copy
         pos = find(text[a:hi])
         if pos >= 0:
             return (a, hi - a, pos)
@@ -292,7 +294,7 @@ def longest_in(text, lo, hi, find, span):
 
 def copied_share(texts, index, span):
     """The share of all the bytes of texts (a list of bytes) that lie in copied windows."""
-    covered = sum(int(copied_bytes(copied_windows(t, index, span), span).sum()) for t in texts)
+    covered = sum(int(copied_bytes(copied_windows(t, index, span), span, len(t)).sum()) for t in texts)
     return covered / max(sum(map(len, texts)), 1)
 
 

@@ -57,7 +57,7 @@ def test_windows_bytes_and_longest_equal_a_substring_search():
         covered = np.zeros(len(sample), bool)  # the loop the difference array replaces
         for i in np.flatnonzero(want):
             covered[i:i + span] = True
-        assert np.array_equal(metrics.copied_bytes(hits, span), covered)
+        assert np.array_equal(metrics.copied_bytes(hits, span, len(sample)), covered)
         best = metrics.longest_copy([sample], train_text, index, span)
         length, _ = brute_longest(sample, train_text)
         assert best["length"] == length and best["sample"] == 0
@@ -65,6 +65,21 @@ def test_windows_bytes_and_longest_equal_a_substring_search():
         assert train_text[best["train_offset"]:best["train_offset"] + length] == piece
         if k == 2:
             assert length >= 160
+
+
+def test_hash_collisions_never_make_a_copy_of_the_longest(monkeypatch):
+    # base 1 hashes a window to the sum of its bytes: most windows collide, and the
+    # longest copy, confirmed by searching the text, must still be the true one (none
+    # when no span-long piece is shared)
+    monkeypatch.setattr(metrics, "HASH_BASE", np.uint64(1))
+    r = np.random.RandomState(2)
+    for _ in range(200):  # spans long enough that many samples share none with train
+        span = int(r.randint(5, 9))
+        train_text = bytes(r.choice([97, 98, 99, 100], 60).astype(np.uint8))
+        sample = bytes(r.choice([97, 98, 99, 100], 40).astype(np.uint8))
+        best = metrics.longest_copy([sample], train_text, metrics.build_copy_index(train_text, span), span)
+        length, _ = brute_longest(sample, train_text)
+        assert best["length"] == (length if length >= span else 0)
 
 
 def test_a_planted_span_is_found_at_its_place_and_nothing_else():
@@ -79,6 +94,10 @@ def test_a_planted_span_is_found_at_its_place_and_nothing_else():
     assert rows["copied"] == 120 / 2000 and rows["copied_val"] == 0
     best = rows["longest_copy"]
     assert (best["length"], best["sample"], best["sample_offset"], best["train_offset"]) == (120, 0, 400, 7000)
+    # a text shorter than the span has no windows and no copied byte
+    assert metrics.copied_bytes(np.zeros(0, bool), 50, 3).tolist() == [False] * 3
+    short_rows = metrics.copy_rows([b"abc"], b"", train_text, index, 50)
+    assert short_rows["copied"] == 0 and short_rows["longest_copy"]["length"] == 0
     # shorter than the span, a plant is no copy
     short = fresh[:400] + train_text[7000:7049] + fresh[449:]
     assert metrics.copy_rows([short], fresh, train_text, index, 50)["copied"] == 0
