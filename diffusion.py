@@ -84,6 +84,24 @@ def norm(ch):
     return nn.GroupNorm(math.gcd(32, max(ch // 4, 1)), ch)
 
 
+class Conv1x1(nn.Linear):
+    """A 1x1 convolution whose weight is the [cout, cin] matrix it applies (nn.Linear's
+    layout and initialisation, which equal nn.Conv2d's for a 1x1 kernel, draw for draw).
+    An nn.Conv2d's [cout, cin, 1, 1] weight can get a gradient with other strides on its
+    size-1 dims (oneDNN's bf16 backward gives [cin, 1, cin, cin]): the same bytes, but DDP
+    compares strides, so it copied every such gradient into its bucket each step, and
+    warned. The gradient of a matrix has the matrix's strides."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+    def _load_from_state_dict(self, state, prefix, *args):
+        w = state.get(prefix + "weight")
+        if w is not None and w.dim() == 4:  # a checkpoint from when this was an nn.Conv2d
+            state[prefix + "weight"] = w.flatten(1)
+        super()._load_from_state_dict(state, prefix, *args)
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb_dim, dropout):
         super().__init__()
@@ -92,7 +110,7 @@ class ResBlock(nn.Module):
         self.norm2, self.drop, self.conv2 = norm(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable early training
         nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = Conv1x1(cin, cout) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -106,7 +124,7 @@ class Attention(nn.Module):
 
     def __init__(self, ch):
         super().__init__()
-        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        self.norm, self.qkv, self.proj = norm(ch), Conv1x1(ch, 3 * ch), Conv1x1(ch, ch)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
