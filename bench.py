@@ -501,6 +501,9 @@ def main(argv=None):
     p.add_argument("--data-dir", default="data", help="copy-index: its token cache (default: %(default)s)")
     p.add_argument("--copy-span", type=int, default=50, help="copy-index: window bytes (default: %(default)s)")
     p.add_argument("--json", default="", help="also write every figure here")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the flags (train: each row's train.py flags, as train.py parses them) and measure "
+                        "nothing")
     p.add_argument("--", dest="extra", metavar="FLAGS", help="train: what follows goes to train.py's parser "
                    "for every row, e.g. -- --batch-size 8")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -517,6 +520,12 @@ def main(argv=None):
             sides = [(n, False) for n in names]
         else:
             p.error(f"--compare {args.compare}: use dtypes (fp32,bf16 or fp32,bf16,auto) or eager,compile")
+    if args.dry_run:
+        for spec in args.models.split(",") if args.what in ("all", "train") else []:
+            for dtype_name, _ in sides:
+                train.check(train.parse_args(run_flags(spec, dtype_name, extra, "dry-run"))[1])
+        print(f"bench: dry run of {args.what}: the flags check out; nothing measured")
+        return 0
     try:
         device = common.pick_device(args.device)
         rows = []

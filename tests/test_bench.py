@@ -2,12 +2,18 @@
 and its table and JSON on a small run. (Speed targets live in bench.py itself, never in
 timed tests.)"""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import bench
 import common
+from common import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def text_file(tmp_path):
@@ -106,3 +112,19 @@ def test_copy_index_row_is_the_np_unique_index_and_counts_the_val_windows(tmp_pa
     val = text.encode()[len(train_text):]  # each line's tail recurs in train, its number does not
     want = sum(val[i:i + 20] in train_text for i in range(len(val) - 19)) / (len(val) - 19)
     assert row["val_windows_found"] == want and 0 < want < 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the script runs everything (minutes)")
+def test_gpu_check_without_cuda_checks_its_flags_and_says_so_in_one_line(tmp_path):
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh")], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out")))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().count("\n") == 0 and "no CUDA" in r.stdout, r.stdout
+    assert not (tmp_path / "out").exists()  # ran nothing, wrote nothing
+
+
+def test_dry_run_refuses_a_bad_flag_or_preset(capsys):
+    assert bench.main(["train", "--models", "gpt:gpt2", "--compare", "eager,compile", "--dry-run",
+                       "--", "--vocab-size", "50257"]) == 0
+    with pytest.raises(UsageError, match="gpt3"):
+        bench.main(["train", "--models", "gpt:gpt3", "--dry-run"])
