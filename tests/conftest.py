@@ -16,6 +16,8 @@ def shared_data(tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line(
+        "markers", "cuda: needs a CUDA device (tests/test_cuda.py); skipped with one reason where there is none")
+    config.addinivalue_line(
         "markers", "summation_order: compares two computations that are equal in exact arithmetic but sum in "
         "another order (micro-batches, processes, a cache, two optimizer implementations); .ci/run runs these "
         "again under a smaller instruction set (tools/other_cpu.sh), as another CPU would compute them. (A "
