@@ -473,6 +473,15 @@ def print_table(rows):
             print("frechet " + ", ".join(f"{k} {fmt(v, '.6g')}" for k, v in r.items() if k != "what"))
 
 
+def dry_run(args, sides, extra):
+    """--dry-run: each train row's flags parsed and checked as train.py would; nothing run."""
+    for spec in args.models.split(",") if args.what in ("all", "train") else []:
+        for dtype_name, _ in sides:
+            train.check(train.parse_args(run_flags(spec, dtype_name, extra, "dry-run"))[1])
+    print(f"bench: dry run of {args.what}: the flags check out; nothing measured")
+    return 0
+
+
 def main(argv=None):
     p = common.Parser(prog="bench.py", description=__doc__.strip().split("\n\n")[0],
                                 epilog=__doc__.strip().split("\n\n", 2)[2],
@@ -521,11 +530,7 @@ def main(argv=None):
         else:
             p.error(f"--compare {args.compare}: use dtypes (fp32,bf16 or fp32,bf16,auto) or eager,compile")
     if args.dry_run:
-        for spec in args.models.split(",") if args.what in ("all", "train") else []:
-            for dtype_name, _ in sides:
-                train.check(train.parse_args(run_flags(spec, dtype_name, extra, "dry-run"))[1])
-        print(f"bench: dry run of {args.what}: the flags check out; nothing measured")
-        return 0
+        return dry_run(args, sides, extra)
     try:
         device = common.pick_device(args.device)
         rows = []

@@ -811,6 +811,5 @@ def load(name, *, tokenizer="bytes", data_dir="data", block_size=256, channels=N
                 "bytes_per_token": meta["bytes_per_token"], "num_tokens": len(tokens),
                 "tokenizer": tok.name, "num_classes": None}
         out[s] = TokenSplit(tokens, block_size, info)
-        # what a cache derived from this split's text (metrics.py's copy index) is keyed by
-        out[s].cache_path, out[s].fingerprint = paths[s], meta["source"]
+        out[s].cache_path, out[s].fingerprint = paths[s], meta["source"]  # keys of caches of its text
     return out
