@@ -366,6 +366,22 @@ def sampler_kwargs(model, progress=None, **given):
     return kw
 
 
+def generate_kwargs(model, device, seed, temperature=None, **given):
+    """model.generate's keywords for the text flags of sample.py and metrics.py: the
+    temperature (default 0.8), a generator seeded with seed, and the options given (None:
+    not given); an option generate() does not take is a UsageError naming its flag."""
+    accepts = inspect.signature(model.generate).parameters
+    kw = dict(temperature=0.8 if temperature is None else temperature,
+              generator=torch.Generator(device=device).manual_seed(seed))
+    for name, v in given.items():
+        if v is not None and name not in accepts:
+            flag = "--no-cache" if name == "use_cache" else "--" + name.replace("_", "-")
+            raise UsageError(f"{flag}: this model's generate() takes no {name}")
+        if v is not None:
+            kw[name] = v
+    return kw
+
+
 def sample_labels(n, classes, device, label=None, start=0):
     """The labels of samples start..start+n-1: `label` for all, else cycling through the
     classes (so a grid with one column per class shows each in its column); None for a

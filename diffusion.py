@@ -88,9 +88,10 @@ class Conv1x1(nn.Linear):
     """A 1x1 convolution whose weight is the [cout, cin] matrix it applies (nn.Linear's
     layout and initialisation, which equal nn.Conv2d's for a 1x1 kernel, draw for draw).
     An nn.Conv2d's [cout, cin, 1, 1] weight can get a gradient with other strides on its
-    size-1 dims (oneDNN's bf16 backward gives [cin, 1, cin, cin]): the same bytes, but DDP
-    compares strides, so it copied every such gradient into its bucket each step, and
-    warned. The gradient of a matrix has the matrix's strides."""
+    size-1 dims (attention's projection, whose input is a transposed view, got [cin, 1,
+    cin, cin], in fp32 and bf16): the same bytes, but DDP compares strides, so it copied
+    every such gradient into its bucket each step, and warned. The gradient of a matrix
+    has the matrix's strides."""
 
     def forward(self, x):
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)

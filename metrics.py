@@ -292,18 +292,21 @@ def longest_in(text, lo, hi, find, span):
     return best
 
 
-def copied_share(texts, index, span):
-    """The share of all the bytes of texts (a list of bytes) that lie in copied windows."""
-    covered = sum(int(copied_bytes(copied_windows(t, index, span), span, len(t)).sum()) for t in texts)
+def copied_share(texts, hits, span):
+    """The share of all the bytes of texts (a list of bytes) that lie in copied windows
+    (hits: copied_windows of each)."""
+    covered = sum(int(copied_bytes(h, span, len(t)).sum()) for t, h in zip(texts, hits))
     return covered / max(sum(map(len, texts)), 1)
 
 
-def longest_copy(samples, train, index, span):
+def longest_copy(samples, train, index, span, hits=None):
     """{length, sample, sample_offset, train_offset, text} of the longest piece of a sample
-    found verbatim in train: runs of hit windows are searched longest first, until the
-    next run is no longer than the piece already found. Searches are remembered: text
-    that repeats itself (a run of spaces, a sample drawn twice) asks the same ones again,
-    and each costs a pass over train."""
+    found verbatim in train (hits: copied_windows of each sample, where already found):
+    runs of hit windows are searched longest first, until the next run is no longer than
+    the piece already found. Searches are remembered: text that repeats itself (a run of
+    spaces, a sample drawn twice) asks the same ones again, and each costs a pass over
+    train."""
+    hits = [copied_windows(s, index, span) for s in samples] if hits is None else hits
     found = {}
 
     def find(piece):
@@ -311,9 +314,8 @@ def longest_copy(samples, train, index, span):
             found[piece] = train.find(piece)
         return found[piece]
     runs = []  # (bytes, sample, start) of each run of hit windows
-    for k, s in enumerate(samples):
-        hit = copied_windows(s, index, span).astype(np.int8)
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], hit, [0]))))
+    for k, hit in enumerate(hits):
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], hit.astype(np.int8), [0]))))
         runs += [(int(e - b) + span - 1, k, int(b)) for b, e in zip(edges[::2], edges[1::2])]
     best = dict(length=0, sample=None, sample_offset=None, train_offset=None, text="")
     for length, k, b in sorted(runs, reverse=True):
@@ -331,8 +333,10 @@ def copy_rows(samples, val_text, train, index, span):
     text cut into pieces of the samples' lengths, spread evenly over it) and longest_copy."""
     starts = np.linspace(0, max(len(val_text) - max(map(len, samples)), 0), len(samples)).astype(int)
     pieces = [val_text[o:o + len(s)] for o, s in zip(starts, samples)]
-    return {"copied": copied_share(samples, index, span), "copied_val": copied_share(pieces, index, span),
-            "longest_copy": longest_copy(samples, train, index, span)}
+    hits = [copied_windows(s, index, span) for s in samples]  # hashed and looked up once, used twice
+    return {"copied": copied_share(samples, hits, span),
+            "copied_val": copied_share(pieces, [copied_windows(p, index, span) for p in pieces], span),
+            "longest_copy": longest_copy(samples, train, index, span, hits)}
 
 # ---- feature networks -------------------------------------------------------------------
 
@@ -894,14 +898,7 @@ def text_samples(model, tok, args):
     prompt = tok.encode(args.prompt)
     if not prompt:
         raise UsageError("--prompt encodes to no tokens; give at least one character")
-    accepts = inspect.signature(model.generate).parameters
-    kw = dict(temperature=0.8 if args.temperature is None else args.temperature,
-              generator=torch.Generator(device=args.device).manual_seed(args.seed))
-    for flag, name in (("--top-k", "top_k"), ("--top-p", "top_p")):
-        if getattr(args, name) is not None and name not in accepts:
-            raise UsageError(f"{flag}: this model's generate() takes no {name}")
-        if getattr(args, name) is not None:
-            kw[name] = getattr(args, name)
+    kw = common.generate_kwargs(model, args.device, args.seed, args.temperature, top_k=args.top_k, top_p=args.top_p)
     out = []
     with torch.no_grad():
         for i in progress(range(0, args.n, args.batch_size), "sampling"):
@@ -938,8 +935,7 @@ def evaluate_text(args, ckpt, model, tcfg, mcfg):
         rows.update(bits_per_byte_row(model, val, train.info["bytes_per_token"], args))
     train_text = tok.decode_bytes(train.tokens)
     index = copy_index(train, train_text, args.copy_span, log=lambda m: print(m, file=sys.stderr))
-    torch.manual_seed(args.seed)
-    samples, kw = text_samples(model, tok, args)
+    samples, kw = text_samples(model, tok, args)  # its generator seeded with --seed
     rows.update(copy_rows(samples, tok.decode_bytes(val.tokens), train_text, index, args.copy_span))
     sampler = ", ".join(f"{k} {v}" for k, v in kw.items())
     what = (f"{args.n} samples of {args.max_new_tokens} tokens of {args.ckpt} ({sampler}, prompt {args.prompt!r}) "

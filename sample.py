@@ -8,7 +8,6 @@ Text models print text; image models write a PNG grid (2D-point models a scatter
 and can save the raw samples as a .npy for metrics.py. The checkpoint names its model,
 config and data, so no other flag is needed to rebuild it.
 """
-import inspect
 import os
 
 import numpy as np
@@ -83,16 +82,8 @@ def sample_text(args, model, tcfg, mcfg, device, dtype):
     context = getattr(mcfg, "block_size", None)
     if context is not None and len(ids) > context:
         raise UsageError(f"--prompt is {len(ids)} tokens, longer than the model's context of {context}; shorten it")
-    # The options given that generate() takes; one it does not take is refused.
-    accepts = inspect.signature(model.generate).parameters
-    kw = dict(temperature=0.8 if args.temperature is None else args.temperature,
-              generator=torch.Generator(device=device).manual_seed(args.seed))
-    for flag, name, v in (("--top-k", "top_k", args.top_k), ("--top-p", "top_p", args.top_p),
-                          ("--no-cache", "use_cache", False if args.no_cache else None)):
-        if v is not None and name not in accepts:
-            raise UsageError(f"{flag}: this model's generate() takes no {name}")
-        if v is not None:
-            kw[name] = v
+    kw = common.generate_kwargs(model, device, args.seed, args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                use_cache=False if args.no_cache else None)
     idx = torch.tensor([ids] * (args.num_samples or 1), device=device)
     with autocast(device, dtype):
         out = model.generate(idx, args.max_new_tokens, **kw)
