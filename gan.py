@@ -112,6 +112,20 @@ class Generator(nn.Module):
         return self.net(z)
 
 
+class Logit(nn.Linear):
+    """D's last layer, nn.Linear(dim, 1) applied as a matrix-vector product. Through
+    F.linear, the weight's gradient summed from R1's double backward and the loss came
+    back [1, dim] with strides [1, 1]: the same bytes (a size-1 dim's stride is free), but
+    DDP compares strides, so it copied that gradient into its bucket each step, and warned.
+    A vector's gradient is laid out as the weight is."""
+
+    def __init__(self, dim):
+        super().__init__(dim, 1)
+
+    def forward(self, x):
+        return x @ self.weight[0] + self.bias
+
+
 class Discriminator(nn.Module):
     """A logit per example: high for real. With labels, projection adds <embed(y), phi(x)>
     to the unconditional logit psi(phi(x)); concat feeds one-hot label channels in."""
@@ -132,7 +146,7 @@ class Discriminator(nn.Module):
                 sn(nn.Conv2d(cfg.pac * cfg.channels + extra, w, 4, 2, 1), on), nn.LeakyReLU(0.2),
                 sn(nn.Conv2d(w, 2 * w, 4, 2, 1), on), nn.LeakyReLU(0.2), nn.Flatten())
             dim = 2 * w * s * s + (1 if cfg.mbstd else 0)
-        self.head = sn(nn.Linear(dim, 1), on)
+        self.head = sn(Logit(dim), on)
         self.embed = sn(nn.Embedding(cfg.num_classes, dim), on) \
             if cfg.num_classes and cfg.cond == "projection" else None
 
@@ -153,7 +167,7 @@ class Discriminator(nn.Module):
         phi = self.features(x)
         if self.cfg.mbstd:
             phi = torch.cat([phi, self.minibatch_std(phi, parts)], 1)
-        logit = self.head(phi).squeeze(1)
+        logit = self.head(phi)
         if self.embed is not None:
             logit = logit + (self.embed(y) * phi).sum(1)
         return logit
