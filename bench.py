@@ -50,12 +50,12 @@ import numpy as np
 import torch
 from torch.utils import flop_counter
 
-import common
 import data
 import metrics
 import optim
 import train
-from common import UsageError
+from cli import Parser, UsageError, cli
+from devices import autocast, compile_unavailable, pick_device, pick_dtype
 
 DEFAULT_MODELS = "gpt:small,diffusion:tiny,gan:tiny,vae:tiny"
 
@@ -199,8 +199,8 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir=".", interv
     out = os.path.join(workdir, "run")
     base = run_flags(spec, dtype_name, extra, out)
     module, tcfg, mcfg, given = train.parse_args(base)
-    device = common.pick_device(tcfg.device)
-    why = compiled and common.compile_unavailable(device)
+    device = pick_device(tcfg.device)
+    why = compiled and compile_unavailable(device)
     if why:  # train.py would fall back to eager, and the row would not be what it says
         raise UsageError(f"--compare eager,compile: {why}")
     if flops is None:
@@ -226,7 +226,7 @@ def bench_train(spec, dtype_name, compiled, steps, extra=(), workdir=".", interv
                                f"(a --max-time or --max-iters among the extra flags?)")
     rate_key = next(k for k in timed_lines[-1] if k.endswith("_per_s"))
     line = max(timed_lines, key=lambda r: r[rate_key])
-    dtype = common.pick_dtype(dtype_name, device)
+    dtype = pick_dtype(dtype_name, device)
     peak, size = matmul_peak(device, dtype)
     final = [r for r in log if any(k.startswith("val_loss") for k in r)][-1]
     per_s = line[rate_key]
@@ -291,7 +291,7 @@ def bench_sample(device, dtype):
         out = {}
         for cache in (True, False):
             def go():
-                with torch.no_grad(), common.autocast(device, dtype):
+                with torch.no_grad(), autocast(device, dtype):
                     ids = model.generate(prompt, new, temperature=0, use_cache=cache)
                 sync(device)
                 return ids
@@ -314,7 +314,7 @@ def bench_sample(device, dtype):
         times = {}
         for steps in (50, 0):  # DDIM-50, then ancestral over all T
             def go():
-                with common.autocast(device, dtype):
+                with autocast(device, dtype):
                     model.sample(n, steps=steps)
                 sync(device)
             times[steps], _ = timed(go, 1)
@@ -405,7 +405,7 @@ def bench_copy_index(name, data_dir, span):
     cache, against np.unique of the same hashes; and looking up the val text in it."""
     tok = data.get_tokenizer("bytes")
     splits = data.load(name, data_dir=data_dir, block_size=1)
-    if splits["train"].info["kind"] != "tokens":
+    if splits["train"].info.kind != "tokens":
         raise UsageError(f"--data {name} is not text; copy-index indexes a text dataset (pystdlib, a .txt "
                          f"file or folder)")
     text, val = tok.decode_bytes(splits["train"].tokens), tok.decode_bytes(splits["val"].tokens)
@@ -482,10 +482,28 @@ def dry_run(args, sides, extra):
     return 0
 
 
-def main(argv=None):
-    p = common.Parser(prog="bench.py", description=__doc__.strip().split("\n\n")[0],
-                                epilog=__doc__.strip().split("\n\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def measure(args, sides, extra, device):
+    """The rows of what args.what names."""
+    rows = []
+    if args.what in ("all", "train"):
+        steps = max(args.steps, 3) if any(c for _, c in sides) else args.steps  # both sides alike
+        with tempfile.TemporaryDirectory() as workdir:
+            for spec in args.models.split(","):
+                rows += bench_sides(spec, sides, steps, ["--device", args.device, *extra], workdir, args)
+    if args.what in ("all", "sample"):
+        rows += bench_sample(device, pick_dtype("auto", device))
+    if args.what in ("all", "optim"):
+        rows += bench_optim(device)
+    if args.what == "frechet":
+        rows.append(bench_frechet(args.dim, args.repeats))
+    if args.what == "copy-index":
+        rows.append(bench_copy_index(args.data, args.data_dir, args.copy_span))
+    return rows
+
+
+def parser():
+    p = Parser(prog="bench.py", description=__doc__.strip().split("\n\n")[0],
+               epilog=__doc__.strip().split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all",
                    choices=["all", "train", "sample", "optim", "frechet", "copy-index"],
                    help="what to measure (default: all but frechet and copy-index)")
@@ -515,6 +533,11 @@ def main(argv=None):
                         "nothing")
     p.add_argument("--", dest="extra", metavar="FLAGS", help="train: what follows goes to train.py's parser "
                    "for every row, e.g. -- --batch-size 8")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
@@ -531,22 +554,9 @@ def main(argv=None):
             p.error(f"--compare {args.compare}: use dtypes (fp32,bf16 or fp32,bf16,auto) or eager,compile")
     if args.dry_run:
         return dry_run(args, sides, extra)
+    device = pick_device(args.device)
     try:
-        device = common.pick_device(args.device)
-        rows = []
-        if args.what in ("all", "train"):
-            steps = max(args.steps, 3) if any(c for _, c in sides) else args.steps  # both sides alike
-            with tempfile.TemporaryDirectory() as workdir:
-                for spec in args.models.split(","):
-                    rows += bench_sides(spec, sides, steps, ["--device", args.device, *extra], workdir, args)
-        if args.what in ("all", "sample"):
-            rows += bench_sample(device, common.pick_dtype("auto", device))
-        if args.what in ("all", "optim"):
-            rows += bench_optim(device)
-        if args.what == "frechet":
-            rows.append(bench_frechet(args.dim, args.repeats))
-        if args.what == "copy-index":
-            rows.append(bench_copy_index(args.data, args.data_dir, args.copy_span))
+        rows = measure(args, sides, extra, device)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
@@ -562,4 +572,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

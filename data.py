@@ -1,6 +1,6 @@
 """
 Datasets for nanogen. One entry point, load(name) -> {"train": split, "val": split};
-a split has .batch(batch_size, generator) -> (x, y or None) and .info (kind, shape, ...).
+a split has .batch(batch_size, generator) -> (x, y or None) and .info (a DataInfo).
 
 Text becomes one long stream of token ids per split, cached on disk as a memory-mapped
 array, and batches are random windows cut out of that stream:
@@ -32,6 +32,7 @@ Points are fresh samples of a 2D Gaussian mixture at every batch:
 
 This file also writes PNGs (save_grid, save_scatter, save_samples) with zlib alone.
 """
+import dataclasses
 import os
 import sys
 import json
@@ -41,13 +42,15 @@ import struct
 import hashlib
 import sysconfig
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import images
-from common import UsageError, atomic_write
+from checkpoint import atomic_write
+from cli import UsageError
 
 
 VAL_PERCENT = 5  # share of files (or of the token stream) held out for validation
@@ -667,7 +670,7 @@ def save_scatter(points, path, centers=None, radius=None, size=480, extent=None)
 def save_samples(x, path, classes=0, label=None, points=None):
     """The picture of a model's samples, for train.py's evaluations and sample.py: images
     as a grid, one column per class where the labels cycle through the classes (see
-    common.sample_labels); 2D points as a scatter over the true modes of `points` (a
+    contract.sample_labels); 2D points as a scatter over the true modes of `points` (a
     POINTS name), each ringed at 3 standard deviations."""
     if points is not None:
         centers, std = POINTS[points] if points in POINTS else (None, None)
@@ -678,6 +681,38 @@ def save_samples(x, path, classes=0, label=None, points=None):
 
 # -----------------------------------------------------------------------------
 # splits and batches
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a split holds: what train.py sizes a model by, counts its speed in, and
+    records in the checkpoint."""
+    kind: str                       # "tokens", "image" or "points"
+    shape: tuple                    # one example's: (block_size,), (channels, height, width) or (2,)
+    count: int = 0                  # tokens of text, images; 0 for points (drawn afresh)
+    classes: tuple = None           # the class names of labelled images (None: no labels)
+    vocab_size: int = None          # text: the tokenizer's symbols
+    bytes_per_token: float = None   # text: raw bytes per token, for bits per byte
+    tokenizer: str = None           # text: the tokenizer's name
+    modes: int = None               # points: the mixture's modes
+    mode_std: float = None          # points: each mode's standard deviation
+
+    @property
+    def unit(self):
+        """What the speed counts: tokens, images or points."""
+        return {"tokens": "tok", "image": "img", "points": "pt"}[self.kind]
+
+    def model_fields(self):
+        """The values of the data-dependent fields a model's Config may have."""
+        image, points = self.kind == "image", self.kind == "points"
+        return dict(channels=self.shape[0] if image else None, image_size=self.shape[1] if image else None,
+                    num_classes=len(self.classes) if self.classes else None,
+                    point_dim=self.shape[0] if points else 0 if image else None, vocab_size=self.vocab_size)
+
+    def record(self):
+        """As plain values, for a checkpoint's config."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {**d, "shape": list(self.shape), "classes": list(self.classes) if self.classes else None}
 
 
 class TokenSplit:
@@ -738,29 +773,36 @@ def load(name, *, tokenizer="bytes", data_dir="data", block_size=256, channels=N
     block_size apply to text only; channels and image_size (None: the folder's own) to a
     folder of images only."""
     if name in IMAGE_DATASETS or name.endswith((".npy", ".npz")) or is_image_folder(name):
-        classes = [str(k) for k in range(10)] if name in IMAGE_DATASETS else None
-        if name == "digits":
-            arrays = {s: digits_arrays(s, data_dir) for s in ("train", "val")}
-        elif name in IMAGE_DATASETS:
-            arrays = downloaded_arrays(name, data_dir)
-        else:
-            arrays, classes = user_images(name, data_dir, channels, image_size)
-        labelled = arrays["train"][1] is not None
-        if labelled and classes is None:  # a .npz without names: its labels are the classes
-            classes = [str(k) for k in range(1 + max(int(y.max()) for _, y in arrays.values() if len(y)))]
-        out = {}
-        for s, (x, y) in arrays.items():
-            c, h, w = x.shape[1:]
-            info = {"kind": "image", "shape": (c, h, w), "channels": c, "image_size": h,
-                    "num_classes": len(classes) if labelled else None, "classes": classes if labelled else None,
-                    "vocab_size": None, "point_dim": 0, "num_examples": len(x)}
-            out[s] = ImageSplit(x, y, info)
-        return out
+        return load_images(name, data_dir, channels, image_size)
     if name in POINTS:
         centers, std = POINTS[name]
-        info = {"kind": "points", "shape": (2,), "point_dim": 2, "num_classes": None, "vocab_size": None,
-                "num_modes": len(centers), "mode_std": std}
+        info = DataInfo("points", (2,), modes=len(centers), mode_std=std)
         return {s: PointSplit(centers, std, info) for s in ("train", "val")}
+    return load_text(name, tokenizer, data_dir, block_size)
+
+
+def load_images(name, data_dir, channels, image_size):
+    """The splits of an image dataset: embedded, downloaded, or the user's files."""
+    classes = [str(k) for k in range(10)] if name in IMAGE_DATASETS else None
+    if name == "digits":
+        arrays = {s: digits_arrays(s, data_dir) for s in ("train", "val")}
+    elif name in IMAGE_DATASETS:
+        arrays = downloaded_arrays(name, data_dir)
+    else:
+        arrays, classes = user_images(name, data_dir, channels, image_size)
+    labelled = arrays["train"][1] is not None
+    if labelled and classes is None:  # a .npz without names: its labels are the classes
+        classes = [str(k) for k in range(1 + max(int(y.max()) for _, y in arrays.values() if len(y)))]
+    out = {}
+    for s, (x, y) in arrays.items():
+        c, h, w = x.shape[1:]
+        info = DataInfo("image", (c, h, w), len(x), tuple(classes) if labelled else None)
+        out[s] = ImageSplit(x, y, info)
+    return out
+
+
+def load_text(name, tokenizer, data_dir, block_size):
+    """The splits of a text dataset, tokenized once into a cache under data_dir."""
     if name == "pystdlib":
         root, relpaths = pystdlib_files()
         key, by_file, skip_bad, extra = "pystdlib", True, True, [sys.version]
@@ -807,9 +849,35 @@ def load(name, *, tokenizer="bytes", data_dir="data", block_size=256, channels=N
         if len(tokens) < block_size + 1:
             raise UsageError(f"the {s} split of {name} has {len(tokens)} tokens, fewer than block_size+1 = "
                             f"{block_size + 1}; lower --block-size or use more text")
-        info = {"kind": "tokens", "shape": (block_size,), "vocab_size": tok.vocab_size,
-                "bytes_per_token": meta["bytes_per_token"], "num_tokens": len(tokens),
-                "tokenizer": tok.name, "num_classes": None}
+        info = DataInfo("tokens", (block_size,), len(tokens), vocab_size=tok.vocab_size,
+                        bytes_per_token=meta["bytes_per_token"], tokenizer=tok.name)
         out[s] = TokenSplit(tokens, block_size, info)
         out[s].cache_path, out[s].fingerprint = paths[s], meta["source"]  # keys of caches of its text
     return out
+
+
+def load_for_model(name, mcfg, given, tokenizer, data_dir, model="the model", pretrained=False):
+    """-> (splits, info) of dataset `name` for a model whose Config is mcfg; fills mcfg's
+    data-dependent fields (channels, image_size, num_classes, point_dim, vocab_size) not
+    set on the command line (`given`). A Config declares the data it takes by having
+    image_size, point_dim or vocab_size."""
+    # A folder of images is converted to these where given (else to what most of its images are).
+    asked = {k: getattr(mcfg, k) for k in ("channels", "image_size") if k in given and hasattr(mcfg, k)}
+    splits = load(name, tokenizer=tokenizer, data_dir=data_dir, block_size=getattr(mcfg, "block_size", 256),
+                  **asked)
+    info = splits["train"].info
+    need = {"image": "image_size", "points": "point_dim", "tokens": "vocab_size"}[info.kind]
+    if not hasattr(mcfg, need):  # e.g. diffusion on 2D points: its Config has no point_dim
+        raise UsageError(f"--data {name} is {info.kind} data, which --model {model} does not take "
+                         f"(its Config has no {need})")
+    if info.vocab_size and hasattr(mcfg, "vocab_size"):
+        if mcfg.vocab_size <= 0:
+            mcfg.vocab_size = info.vocab_size
+        elif mcfg.vocab_size < info.vocab_size:
+            fix = "use --tokenizer gpt2" if pretrained else "raise --vocab-size or pick another tokenizer"
+            raise UsageError(f"tokenizer {tokenizer} has {info.vocab_size} symbols but the model's "
+                             f"vocab_size is {mcfg.vocab_size}; {fix}")
+    for k, v in info.model_fields().items():
+        if k != "vocab_size" and v is not None and hasattr(mcfg, k) and k not in given:
+            setattr(mcfg, k, v)
+    return splits, info

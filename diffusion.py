@@ -96,12 +96,6 @@ class Conv1x1(nn.Linear):
     def forward(self, x):
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
-    def _load_from_state_dict(self, state, prefix, *args):
-        w = state.get(prefix + "weight")
-        if w is not None and w.dim() == 4:  # a checkpoint from when this was an nn.Conv2d
-            state[prefix + "weight"] = w.flatten(1)
-        super()._load_from_state_dict(state, prefix, *args)
-
 
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb_dim, dropout):
@@ -241,19 +235,30 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        if not cfg.mults or not all(1 <= m <= 64 for m in cfg.mults) or not all(r >= 1 for r in cfg.attn_res):
+            raise ValueError(f"mults must list 1 or more multipliers in 1..64, and attn_res resolutions of 1 pixel "
+                             f"or more (got {cfg.mults}, {cfg.attn_res})")
         levels = len(cfg.mults) - 1
+        for name, low, high in (("channels", 1, 256), ("image_size", 2 ** levels, 4096), ("num_classes", 0, 2 ** 20),
+                                ("base", 1, 4096), ("num_res_blocks", 0, 64), ("timesteps", 2, 100_000)):
+            if not low <= getattr(cfg, name) <= high:
+                raise ValueError(f"{name} must be in {low}..{high} (got {getattr(cfg, name)})")
         if cfg.image_size % (2 ** levels):
             raise ValueError(f"image_size {cfg.image_size} is not divisible by 2^{levels}: the U-Net halves it "
                              f"{levels} times; use fewer --mults")
+        if cfg.base * max(cfg.mults) > 2 ** 14:
+            raise ValueError(f"base x max(mults), the widest level's channels, must be at most {2 ** 14} "
+                             f"(got {cfg.base * max(cfg.mults)})")
         if cfg.objective not in ("eps", "x0", "v", "flow") or cfg.variance not in ("small", "large"):
             raise ValueError("objective must be eps, x0, v or flow and variance small or large")
-        if cfg.flow_time not in ("logit-normal", "uniform"):
-            raise ValueError(f"flow_time {cfg.flow_time!r}: choose logit-normal or uniform")
-        if cfg.timesteps < 2 or not 0 <= cfg.p_uncond < 1:
-            raise ValueError("timesteps must be at least 2 and p_uncond in [0, 1)")
+        if cfg.flow_time not in ("logit-normal", "uniform") or cfg.schedule not in ("linear", "cosine"):
+            raise ValueError(f"flow_time {cfg.flow_time!r}, schedule {cfg.schedule!r}: choose logit-normal or "
+                             f"uniform, and linear or cosine")
+        if not 0 <= cfg.p_uncond < 1 or not 0 <= cfg.dropout < 1:
+            raise ValueError(f"p_uncond and dropout must be in [0, 1) (got {cfg.p_uncond}, {cfg.dropout})")
         self.flow = cfg.objective == "flow"
-        if self.flow and cfg.sample_steps < 1:
-            raise ValueError(f"sample_steps {cfg.sample_steps}: flow samples with Euler over 1 or more steps")
+        if self.flow and not 1 <= cfg.sample_steps <= 100_000:
+            raise ValueError(f"sample_steps {cfg.sample_steps}: flow samples with Euler over 1..100000 steps")
         if not self.flow and not 0 <= cfg.sample_steps <= cfg.timesteps:
             raise ValueError(f"sample_steps {cfg.sample_steps} must be in 0..timesteps ({cfg.timesteps})")
         self.cfg = cfg
@@ -419,7 +424,7 @@ class Model(nn.Module):
         """Euler from t = 1 (noise) to t = 0 over `steps` uniform steps, x <- x + (t' - t) v(x, t),
         one network evaluation a step; the last step lands on x0-hat = x_t - t v. (Heun, the
         mean of v at both ends of the step, lost to Euler at 10 and 20 evaluations and tied
-        at 50 on digits: README.md, Flow matching.)"""
+        at 50 on digits: docs/experiments.md, flow matching against DDIM.)"""
         T = self.cfg.timesteps
         ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
         for i in wrap(range(steps)):

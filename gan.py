@@ -71,7 +71,7 @@ PRESETS = {
     # The 2D mixtures: MLPs, large batches (small ones lose modes). A random category beside z
     # lets G put each on a mode with nothing in between; D at twice G's rate keeps G using z.
     # The LR holds for 70% of the run, then a cosine sharpens the modes; longer runs narrow
-    # them. No spectral norm (too smooth for modes 0.05 wide), no R1 (slower). README: GAN and VAE.
+    # them. No spectral norm (too smooth for modes 0.05 wide), no R1 (slower). docs/experiments.md: GAN on 2D points.
     "grid25": dict(data="grid25", width=32, z_dim=16, z_classes=100, spectral_norm=False, batch_size=1024,
                    lr=5e-4, d_lr_mult=2.0, min_lr=2.5e-5, lr_hold=0.7, warmup_iters=0, max_iters=6000,
                    beta1=0.5, beta2=0.999, weight_decay=0.0, grad_clip=0.0, eval_interval=2000, eval_iters=1,
@@ -195,19 +195,23 @@ class Model(nn.Module):
         super().__init__()
         if cfg.loss not in ("ns", "hinge") or cfg.cond not in ("projection", "concat"):
             raise ValueError("loss must be ns or hinge, and cond projection or concat")
-        if not cfg.point_dim and (cfg.image_size % 4 or cfg.image_size < 8):
+        for name, low, high in (("channels", 1, 256), ("num_classes", 0, 2 ** 20), ("point_dim", 0, 4096),
+                                ("z_dim", 1, 4096), ("width", 8, 1024), ("d_steps", 1, 64), ("pac", 1, 64),
+                                ("z_classes", 0, 2 ** 20)):
+            if not low <= getattr(cfg, name) <= high:
+                raise ValueError(f"{name} must be in {low}..{high} (got {getattr(cfg, name)})")
+        if not cfg.point_dim and (cfg.image_size % 4 or not 8 <= cfg.image_size <= 4096):
             raise ValueError(f"image_size {cfg.image_size}: the nets upsample twice by 2, so it must be "
-                             f"a multiple of 4 (28 and 32 work)")
-        if cfg.z_classes < 0 or (cfg.z_classes and cfg.num_classes):
-            raise ValueError("z_classes must be at least 0, and 0 for a class-conditional model (its label "
-                             "already takes G's embedding; --num-classes 0 trains unconditionally)")
-        if cfg.pac < 1 or (cfg.pac > 1 and cfg.num_classes):
-            raise ValueError("pac must be at least 1, and 1 for a class-conditional model (a pack has no "
-                             "one label; --num-classes 0 trains unconditionally)")
-        if (cfg.d_steps < 1 or cfg.mbstd < 0 or cfg.r1 < 0 or cfg.d_lr_mult <= 0 or cfg.z_dim < 1
-                or cfg.width < 8 or cfg.width % 8):
-            raise ValueError("d_steps and z_dim must be at least 1, width a multiple of 8, r1 and mbstd >= 0, "
-                             "d_lr_mult > 0")
+                             f"a multiple of 4 in 8..4096 (28 and 32 work)")
+        if cfg.z_classes and cfg.num_classes:
+            raise ValueError("z_classes must be 0 for a class-conditional model (its label already takes G's "
+                             "embedding; --num-classes 0 trains unconditionally)")
+        if cfg.pac > 1 and cfg.num_classes:
+            raise ValueError("pac must be 1 for a class-conditional model (a pack has no one label; --num-classes 0 "
+                             "trains unconditionally)")
+        if cfg.width % 8 or cfg.mbstd < 0 or not 0 <= cfg.r1 < math.inf or not 0 < cfg.d_lr_mult < math.inf:
+            raise ValueError(f"width must be a multiple of 8, mbstd >= 0, r1 a finite number >= 0 and d_lr_mult > 0 "
+                             f"(got {cfg.width}, {cfg.mbstd}, {cfg.r1}, {cfg.d_lr_mult})")
         self.cfg = cfg
         self.players = ("discriminator",) * cfg.d_steps + ("generator",)
         self.lr_mult = {"discriminator": cfg.d_lr_mult}

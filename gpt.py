@@ -156,17 +156,21 @@ class Model(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("vocab_size must be positive (train.py takes it from the tokenizer)")
-        if min(cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd) <= 0:
-            raise ValueError("block_size, n_layer, n_head and n_embd must be positive")
+        for name, high in (("block_size", 2 ** 20), ("vocab_size", 2 ** 21), ("n_layer", 1024), ("n_head", 2 ** 16),
+                           ("n_embd", 2 ** 16), ("expert_top_k", 1024)):
+            if not 1 <= getattr(cfg, name) <= high:
+                raise ValueError(f"{name} must be in 1..{high} (got {getattr(cfg, name)})")
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
-        if cfg.n_expert < 0 or (cfg.n_expert and not 1 <= cfg.expert_top_k <= cfg.n_expert):
-            raise ValueError(f"n_expert must be 0 (dense) or more, and expert_top_k in 1..n_expert "
+        if not 0 <= cfg.n_expert <= 1024 or (cfg.n_expert and cfg.expert_top_k > cfg.n_expert):
+            raise ValueError(f"n_expert must be in 0..1024 (0: dense), and expert_top_k in 1..n_expert "
                              f"(got {cfg.n_expert}, {cfg.expert_top_k})")
         if cfg.n_expert and (4 * cfg.n_embd) % cfg.expert_top_k:
             raise ValueError(f"expert_top_k {cfg.expert_top_k} must divide 4 * n_embd ({4 * cfg.n_embd})")
+        if not 0 <= cfg.balance_coef < math.inf:
+            raise ValueError(f"balance_coef must be a finite number >= 0 (got {cfg.balance_coef})")
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)

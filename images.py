@@ -16,7 +16,8 @@ import zlib
 
 import numpy as np
 
-from common import UsageError, atomic_write
+from checkpoint import atomic_write
+from cli import UsageError
 
 PNG_MAX_PIXELS = 1 << 26  # 8192 x 8192; a header asking for more is refused before decompressing
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel

@@ -15,7 +15,6 @@ the dataset's train split, then cached.
 """
 import glob
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -29,9 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import data
-from common import UsageError
+from checkpoint import atomic_write, build_from_checkpoint, load_checkpoint
+from cli import Parser, UsageError, cli
+from contract import draw_samples, generate_kwargs, hooks, nll_kwargs, sampler_kwargs
+from devices import pick_device
 
 # ---- distances between sets of features -------------------------------------------------
 
@@ -230,7 +231,7 @@ def copy_index(split, train_text, span, log=print):
     built = (f"copy index: {len(index):,} distinct {span}-byte windows of {len(train_text):,} train bytes "
              f"in {time.time() - t0:.1f}s")
     try:
-        common.atomic_write(path, lambda f: np.save(f, index))
+        atomic_write(path, lambda f: np.save(f, index))
         for stale in glob.glob(glob.escape(base) + "-*.npy"):  # indexes of older sources
             if stale != path:
                 os.remove(stale)
@@ -611,15 +612,15 @@ class Classifier(nn.Module):
 def get_classifier(name, splits, data_dir, device="cpu", epochs=1, log=print):
     """The classifier of dataset `name`, from data_dir/cache or trained now (seeded, so
     the same on every machine up to floating point) and cached. -> (net, test accuracy)."""
-    info = splits["train"].info if "train" in splits else {}  # a .npy of images has no splits, no labels
-    if info.get("kind") != "image" or splits["train"].labels is None:
+    info = splits["train"].info if "train" in splits else None  # a .npy of images has no splits, no labels
+    if info is None or info.kind != "image" or splits["train"].labels is None:
         raise UsageError(f"--features classifier needs a labelled image dataset; {name} has no labels "
                            f"(use --features inception)")
-    c, h, _ = info["shape"]
+    c, h, _ = info.shape
     stem = re.sub(r"[^0-9A-Za-z._-]", "_", os.path.basename(name.rstrip("/\\")))  # a user's path: its last part
     key = f"{stem}-{c}x{h}-{len(splits['train'])}-{hash_split(splits['train'])}"
     path = os.path.join(data_dir, "cache", f"classifier-{key}.pt")
-    net = Classifier(c, h, info["num_classes"]).to(device)
+    net = Classifier(c, h, len(info.classes)).to(device)
     if os.path.exists(path):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -628,7 +629,7 @@ def get_classifier(name, splits, data_dir, device="cpu", epochs=1, log=print):
         except Exception:
             pass  # damaged: train again
     torch.manual_seed(0)
-    net = Classifier(c, h, info["num_classes"]).to(device)
+    net = Classifier(c, h, len(info.classes)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
     steps = max(epochs * len(splits["train"]) // 128, 300)  # a user's few hundred images: still 300 steps
@@ -732,9 +733,9 @@ def load_set(spec, split, data_dir, n, whole=False):
     except (UsageError, ValueError, OSError) as e:
         raise UsageError(str(e).splitlines()[0] if str(e) else f"{spec}: cannot read it")
     s = splits[split]
-    if s.info["kind"] == "points":
+    if s.info.kind == "points":
         return s.batch(n, torch.Generator().manual_seed(int(split == "val")))[0], splits
-    if s.info["kind"] != "image":
+    if s.info.kind != "image":
         raise UsageError(f"{spec} is text; metrics.py compares images or 2D points")
     if whole and (spec.endswith(".npz") or os.path.isdir(spec)):
         return torch.cat([splits["train"].images, splits["val"].images])[:n], splits
@@ -810,7 +811,7 @@ def check_counts(counts, images, k, n):
 
 
 def parse_args(argv):
-    p = common.Parser(prog="metrics.py", description=__doc__.strip().split("\n\n")[0])
+    p = Parser(prog="metrics.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--ckpt", default="", help="checkpoint to sample and evaluate (EMA weights where present)")
     p.add_argument("--model", default="", help="with --ckpt: the model's .py file, where it has moved since "
                    "training (default: the file the checkpoint names)")
@@ -866,50 +867,50 @@ def parse_args(argv):
         raise UsageError("--top-k must be positive and --top-p in (0, 1]")
     if args.copy_span < 1 or args.max_new_tokens < 1:
         raise UsageError("--copy-span and --max-new-tokens must be positive")
-    args.device, args.data_dir = common.pick_device(args.device), args.data_dir or ("" if args.ckpt else "data")
+    args.device, args.data_dir = pick_device(args.device), args.data_dir or ("" if args.ckpt else "data")
     return args
 
 
 def draw(model, n, classes, kw, args):
     """n samples of a model (labels cycling through the classes, if it has them), on the
     CPU; images as uint8, what a sample saved as an image would be."""
-    fake = common.draw_samples(model, n, classes, args.device, args.batch_size,
-                               wrap=lambda batches: progress(batches, "sampling"), **kw)
+    fake = draw_samples(model, n, classes, args.device, args.batch_size,
+                        wrap=lambda batches: progress(batches, "sampling"), **kw)
     return data.to_uint8(fake) if fake.dim() == 4 else fake
 
 
-def bits_per_dim_row(model, val, args):
-    """{label: bits/dim} of the model's nll on the first --nll-n val images (the IWAE
+def bits_per_dim_row(nll, val, args):
+    """{label: bits/dim} of a model's nll on the first --nll-n val images (the IWAE
     bound with --iwae-k samples where nll takes k)."""
     x = val.images[:args.nll_n].float().div(127.5).sub(1).to(args.device)
-    iwae = "k" in inspect.signature(model.nll).parameters
+    iwae = nll_kwargs(nll, args.iwae_k)
     with torch.no_grad():
-        nll = torch.cat([model.nll(x[i:i + args.batch_size], **({"k": args.iwae_k} if iwae else {})).cpu()
+        nll = torch.cat([nll(x[i:i + args.batch_size], **iwae).cpu()
                          for i in progress(range(0, len(x), args.batch_size), "bits/dim")])
     bound = f", IWAE k={args.iwae_k}" if iwae else ""
     return {f"bits/dim ({len(x)} val images{bound})": bits_per_dim(nll, x[0].numel())}
 
 
-def text_samples(model, tok, args):
+def text_samples(generate, tok, args):
     """--n generated texts (bytes, the prompt left out), in batches of --batch-size, with
-    the sampler flags sample.py takes."""
-    if not hasattr(model, "generate"):
+    the sampler flags sample.py takes, from a model's generate()."""
+    if generate is None:
         raise UsageError(f"{args.ckpt}: its model has no generate(), so there are no samples to check for copies")
     prompt = tok.encode(args.prompt)
     if not prompt:
         raise UsageError("--prompt encodes to no tokens; give at least one character")
-    kw = common.generate_kwargs(model, args.device, args.seed, args.temperature, top_k=args.top_k, top_p=args.top_p)
+    kw = generate_kwargs(generate, args.device, args.seed, args.temperature, top_k=args.top_k, top_p=args.top_p)
     out = []
     with torch.no_grad():
         for i in progress(range(0, args.n, args.batch_size), "sampling"):
             idx = torch.tensor([prompt] * min(args.batch_size, args.n - i), device=args.device)
             out += [tok.decode_bytes(row[len(prompt):]) for row in
-                    model.generate(idx, args.max_new_tokens, **kw).tolist()]
+                    generate(idx, args.max_new_tokens, **kw).tolist()]
     return out, {k: v for k, v in kw.items() if k != "generator"}
 
 
-def bits_per_byte_row(model, val, bytes_per_token, args):
-    """{label: bits/byte} of the model's nll on --nll-n windows of the val tokens (each
+def bits_per_byte_row(nll, val, bytes_per_token, args):
+    """{label: bits/byte} of a model's nll on --nll-n windows of the val tokens (each
     block_size + 1 long, spread evenly over the stream), as train.py's val_bpb counts."""
     block = val.block_size
     starts = np.linspace(0, len(val.tokens) - block - 1, args.nll_n).astype(np.int64)
@@ -917,7 +918,7 @@ def bits_per_byte_row(model, val, bytes_per_token, args):
     with torch.no_grad():
         for i in progress(range(0, len(starts), args.batch_size), "bits/byte"):
             rows = np.stack([val.tokens[s:s + block + 1] for s in starts[i:i + args.batch_size]])
-            nats.append(model.nll(torch.from_numpy(rows.astype(np.int64)).to(args.device)).double().cpu())
+            nats.append(nll(torch.from_numpy(rows.astype(np.int64)).to(args.device)).double().cpu())
     return {f"bits/byte ({len(starts)} val windows)": float(torch.cat(nats).mean()) / math.log(2) / bytes_per_token}
 
 
@@ -930,12 +931,12 @@ def evaluate_text(args, ckpt, model, tcfg, mcfg):
     except (UsageError, ValueError, OSError) as e:
         raise UsageError(str(e).splitlines()[0] if str(e) else f"{name}: cannot read it")
     tok, train, val = data.get_tokenizer(tokenizer), splits["train"], splits["val"]
-    rows = {}
-    if hasattr(model, "nll") and args.nll_n:
-        rows.update(bits_per_byte_row(model, val, train.info["bytes_per_token"], args))
+    rows, h = {}, hooks(model)
+    if h.nll is not None and args.nll_n:
+        rows.update(bits_per_byte_row(h.nll, val, train.info.bytes_per_token, args))
     train_text = tok.decode_bytes(train.tokens)
     index = copy_index(train, train_text, args.copy_span, log=lambda m: print(m, file=sys.stderr))
-    samples, kw = text_samples(model, tok, args)  # its generator seeded with --seed
+    samples, kw = text_samples(h.generate, tok, args)  # its generator seeded with --seed
     rows.update(copy_rows(samples, tok.decode_bytes(val.tokens), train_text, index, args.copy_span))
     sampler = ", ".join(f"{k} {v}" for k, v in kw.items())
     what = (f"{args.n} samples of {args.max_new_tokens} tokens of {args.ckpt} ({sampler}, prompt {args.prompt!r}) "
@@ -949,8 +950,8 @@ def evaluate_text(args, ckpt, model, tcfg, mcfg):
 def evaluate_checkpoint(args):
     """(rows, features line, what was compared) for --ckpt: samples of the model against
     its dataset's --against split, and bits/dim where the model has nll."""
-    ckpt = common.load_checkpoint(args.ckpt)
-    module, model, tcfg, mcfg = common.build_from_checkpoint(ckpt, args.device, args.ckpt, args.model)
+    ckpt = load_checkpoint(args.ckpt)
+    module, model, tcfg, mcfg = build_from_checkpoint(ckpt, args.device, args.ckpt, args.model)
     model.eval()
     name = ckpt["config"]["data"]["name"]
     args.data_dir = args.data_dir or tcfg.get("data_dir", "data")
@@ -964,21 +965,21 @@ def evaluate_checkpoint(args):
     args.n, args.nll_n = args.n or 10000, 100 if args.nll_n is None else args.nll_n
     real, splits = load_set(name, args.against, args.data_dir, args.n)
     check_counts({f"{name} {args.against}": len(real), "--n": args.n},
-                 splits["train"].info["kind"] == "image", args.k, args.n)
+                 splits["train"].info.kind == "image", args.k, args.n)
     torch.manual_seed(args.seed)
-    kw = common.sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance,
-                              temperature=args.temperature)
+    kw = sampler_kwargs(model, steps=args.steps, eta=args.eta, guidance=args.guidance,
+                        temperature=args.temperature)
     fake = draw(model, args.n, getattr(mcfg, "num_classes", 0) or 0, kw, args)
     train_set = real if args.against == "train" else load_set(name, "train", args.data_dir, args.n)[0]
     try:
         rows, about = report(real, fake, train_set, splits, args, name)
     except UsageError as e:  # no feature network here (no labels, no Inception weights): bits/dim still
-        if not (hasattr(model, "nll") and args.nll_n):
+        if not (hooks(model).nll is not None and args.nll_n):
             raise
         rows, about = {}, f"none, so no FID, IS, KID, precision or recall: {e}"
     named = feature_network(args.features, splits, name) if rows else "none"
-    if hasattr(model, "nll") and splits["val"].info["kind"] == "image" and args.nll_n:
-        rows.update(bits_per_dim_row(model, splits["val"], args))
+    if hooks(model).nll is not None and splits["val"].info.kind == "image" and args.nll_n:
+        rows.update(bits_per_dim_row(hooks(model).nll, splits["val"], args))
     sampler = ", ".join(f"{k} {v}" for k, v in kw.items())
     what = f"{args.n} samples of {args.ckpt}{f' ({sampler})' if sampler else ''} vs {len(real)} of {name} {args.against}"
     args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or ".", f"metrics-{named}.json")
@@ -1014,4 +1015,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

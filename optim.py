@@ -1,5 +1,6 @@
 """
-Optimizers and learning-rate plumbing, written from the formulas.
+Optimizers and learning-rate plumbing, written from the formulas; the optimizers of a
+training run (one per player) and its average of the weights (EMA).
 
 SGD, Adam, AdamW and Muon are drop-in replacements for their torch.optim namesakes: same
 arguments, defaults, validation, state keys and numbers, so state_dicts move freely
@@ -7,6 +8,7 @@ between the two. Updates use torch._foreach_* ops, one call per (device, dtype)
 bucket: on a GPU a Python loop over ~150 tensors would launch ~150x more kernels.
 """
 
+import copy
 import math
 from collections import defaultdict
 
@@ -340,11 +342,11 @@ def clip_grad_norm_(params, max_norm, foreach=True):
     return total_norm
 
 
-def weight_decay_groups(model_or_named_params, weight_decay):
+def weight_decay_groups(model_or_named_params, weight_decay, no_decay_ids=()):
     """Two param groups: tensors with dim >= 2 (matmul weights, embeddings) get weight decay,
     the rest (biases, norm gains) get none -- decaying those just fights the normalization.
-    A tensor marked `p.no_weight_decay = True` gets none either (e.g. a learned prior's
-    means, which decay would pull towards 0).
+    Tensors whose id is in `no_decay_ids` get none either (a model's no_weight_decay(), e.g.
+    a learned prior's means, which decay would pull towards 0).
 
     Accepts an nn.Module or an iterable of (name, param). Params with requires_grad=False are
     left out, and a tensor reachable under two names (tied weights) appears once.
@@ -356,5 +358,89 @@ def weight_decay_groups(model_or_named_params, weight_decay):
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
+        (decay if p.dim() >= 2 and id(p) not in no_decay_ids else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---- the optimizers of a run: one per player ---------------------------------------------
+
+def make_optimizers(model, hooks, tcfg):
+    """{player: optimizer} for train.py's --optimizer (adamw, adam, sgd or muon), one per
+    player (hooks: contract.Hooks), weight decay on matrices and embeddings only."""
+    optimizers = {}
+    hidden = muon_matrices(model, hooks) if tcfg.optimizer == "muon" else set()
+    for player in hooks.names:
+        ids = {id(p) for p in hooks.parameters_of(player)}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids and p.requires_grad]
+        groups = weight_decay_groups([(n, p) for n, p in named if id(p) not in hidden], tcfg.weight_decay,
+                                     hooks.no_decay)
+        if tcfg.optimizer == "sgd":
+            optimizers[player] = SGD(groups, lr=tcfg.lr, momentum=tcfg.beta1)
+            continue
+        cls = Adam if tcfg.optimizer == "adam" else AdamW
+        optimizers[player] = cls(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+        matrices = [p for _, p in named if id(p) in hidden]
+        if matrices:
+            # Muon's update is rescaled to AdamW's RMS (0.2 sqrt(max(rows, cols)), Liu et al.
+            # 2025), so one --lr, one schedule and one decoupled weight decay serve both.
+            muon = Muon(matrices, lr=tcfg.lr, weight_decay=tcfg.weight_decay, momentum=tcfg.muon_momentum,
+                        adjust_lr_fn="match_rms_adamw", flatten=True)
+            optimizers[player] = Optimizers(muon, optimizers[player])
+    return optimizers
+
+
+def muon_matrices(model, hooks):
+    """The ids of the tensors Muon takes: every one of 2 or more dims but embeddings and
+    the weights of the model's io_layers (those that read the data or noise in, or write
+    the output), which are not maps between hidden features: their updates stay AdamW's,
+    as in Jordan et al.'s Muon and modded-nanogpt. Nor a tensor of no_weight_decay() (a
+    density's parameters, such as the VAE prior's means), which is no map at all. Tied
+    weights are one tensor."""
+    outside = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    outside |= {id(p) for m in hooks.io_layers for p in m.parameters()} | hooks.no_decay
+    return {id(p) for p in model.parameters() if p.dim() >= 2 and id(p) not in outside}
+
+
+class Optimizers:
+    """Several optimizers stepped as one (Muon's matrices, AdamW's rest). param_groups
+    lists every group of each, so the lr schedule, clipping and the GradScaler, which
+    read param_groups, reach every parameter."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    @property
+    def param_groups(self):  # read afresh: load_state_dict replaces each part's groups
+        return [g for opt in self.parts for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.parts:
+            opt.step()
+
+    def state_dict(self):
+        return {"parts": [opt.state_dict() for opt in self.parts]}
+
+    def load_state_dict(self, state):
+        for opt, part in zip(self.parts, state["parts"], strict=True):
+            opt.load_state_dict(part)
+
+
+class EMA:
+    """An exponential moving average of a model's weights (train.py's --ema), kept in a
+    frozen copy of the model that evaluation and sampling use. The average starts as the
+    initial weights, and its decay ramps up as min(decay, (1+step)/(10+step)), so a short
+    run is not dominated by its random start; buffers are copied."""
+
+    def __init__(self, model, decay):
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.decay = decay
+        self.pairs = (list(self.model.parameters()), list(model.parameters()),
+                      list(zip(self.model.buffers(), model.buffers())))
+
+    @torch.no_grad()
+    def update(self, step):
+        decay = min(self.decay, (1 + step) / (10 + step))
+        averages, params, buffers = self.pairs
+        torch._foreach_lerp_(averages, params, 1 - decay)
+        for e, b in buffers:
+            e.copy_(b)

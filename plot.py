@@ -1,5 +1,6 @@
-"""Line plots as PNGs, drawn here and written with data.write_png (no matplotlib): the
-loss curves train.py writes to loss.png at every evaluation.
+"""The record of a run: train.py's log lines (Meter: the console line and the log.jsonl
+record), and line plots as PNGs, drawn here and written with data.write_png (no
+matplotlib): the loss curves train.py writes to loss.png at every evaluation.
 
     save_curves(path, panels)   panels: [(title, {label: [(step, value), ...]}), ...]
 
@@ -8,10 +9,45 @@ scale where its values are all positive and span more than a factor of 20.
 """
 import json
 import math
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 import data
+
+
+@dataclass
+class Meter:
+    """What the next log line shows, gathered since the last one: each player's loss and
+    logged parts summed on the device (no sync), how many steps each sum holds (a skipped
+    update adds nothing), and the seconds spent drawing batches and moving them to the device."""
+    since: float = field(default_factory=time.time)
+    sums: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    steps: int = 0
+    data_s: float = 0.0
+
+    def add(self, values, count):
+        for key, v in values.items():
+            self.sums[key] = self.sums.get(key, 0) + v
+            self.counts[key] = self.counts.get(key, 0) + count
+
+    def line(self, sums, step, max_iters, time_left, lr, unit, units_per_step, skipped=None):
+        """(now, the console line, the log.jsonl record) of these sums (read off the device,
+        over every process), the step rate since `since`, and the ETA (at most time_left)."""
+        now = time.time()
+        dt = now - self.since
+        losses = {key: v / self.counts[key] for key, v in zip(self.sums, sums)}
+        if skipped is not None:
+            losses["skipped"] = skipped  # updates skipped so far, this run and the ones it resumed
+        speed = self.steps * units_per_step / dt
+        eta = min((max_iters - step) * dt / self.steps, time_left)
+        rate = f"{speed / 1e3:.1f}k" if speed >= 1e4 else f"{speed:.0f}"
+        text = " | ".join(f"{key.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else f"{key} {v}"
+                          for key, v in losses.items())
+        return now, f"step {step} | {text} | lr {lr:.2e} | {rate} {unit}/s | ETA {eta / 60:.1f}m", \
+            dict(step=step, **losses, lr=lr, **{f"{unit}_per_s": speed}, data_share=self.data_s / dt)
 
 # A 3x5 pixel font: each glyph five rows of three pixels, "#" on.
 GLYPHS = {

@@ -1,4 +1,4 @@
-"""Sample from a checkpoint.
+"""Sample from a checkpoint; and the samples train.py writes at each evaluation.
 
     python sample.py --ckpt out/gpt/ckpt.pt --prompt "def " --max-new-tokens 300 \
         --temperature 0.8 --top-k 50 --top-p 0.95
@@ -9,18 +9,21 @@ and can save the raw samples as a .npy for metrics.py. The checkpoint names its 
 config and data, so no other flag is needed to rebuild it.
 """
 import os
+import shutil
 
 import numpy as np
 
 import torch
 
-import common
 import data
-from common import UsageError, autocast
+from checkpoint import build_from_checkpoint, load_checkpoint
+from cli import Parser, UsageError, cli
+from contract import draw_samples, generate_kwargs, hooks, sampler_kwargs
+from devices import autocast, fork_rng, pick_device, pick_dtype, trained_dtype
 
 
-def main(argv=None):
-    p = common.Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
+def parse_args(argv):
+    p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default="out/gpt/ckpt.pt",
                    help="checkpoint written by train.py (default: %(default)s)")
     p.add_argument("--model", default="", help="the model's .py file, where it has moved since training "
@@ -59,12 +62,16 @@ def main(argv=None):
         raise UsageError("--num-samples must be positive, --max-new-tokens and --temperature not negative")
     if args.top_k is not None and args.top_k <= 0 or args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError("--top-k must be positive and --top-p in (0, 1]")
+    return args
 
-    device = common.pick_device(args.device)
-    ckpt = common.load_checkpoint(args.ckpt)
-    kept = common.trained_dtype(ckpt, device) if args.dtype == "auto" else None
-    dtype = common.pick_dtype(kept or args.dtype, device)
-    module, model, tcfg, mcfg = common.build_from_checkpoint(ckpt, device, args.ckpt, args.model)
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.ckpt)
+    kept = trained_dtype(ckpt, device) if args.dtype == "auto" else None
+    dtype = pick_dtype(kept or args.dtype, device)
+    module, model, tcfg, mcfg = build_from_checkpoint(ckpt, device, args.ckpt, args.model)
     model.eval()
     kind = ckpt["config"]["data"].get("kind", "tokens")
     if kind != "tokens":
@@ -73,7 +80,8 @@ def main(argv=None):
 
 
 def sample_text(args, model, tcfg, mcfg, device, dtype):
-    if not hasattr(model, "generate"):
+    generate = hooks(model).generate
+    if generate is None:
         raise UsageError(f"{args.ckpt}: its model has no generate(), so sample.py cannot continue text with it")
     tok = data.get_tokenizer(tcfg.get("tokenizer", "bytes"))
     ids = tok.encode(args.prompt)
@@ -82,11 +90,11 @@ def sample_text(args, model, tcfg, mcfg, device, dtype):
     context = getattr(mcfg, "block_size", None)
     if context is not None and len(ids) > context:
         raise UsageError(f"--prompt is {len(ids)} tokens, longer than the model's context of {context}; shorten it")
-    kw = common.generate_kwargs(model, device, args.seed, args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                use_cache=False if args.no_cache else None)
+    kw = generate_kwargs(generate, device, args.seed, args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         use_cache=False if args.no_cache else None)
     idx = torch.tensor([ids] * (args.num_samples or 1), device=device)
     with autocast(device, dtype):
-        out = model.generate(idx, args.max_new_tokens, **kw)
+        out = generate(idx, args.max_new_tokens, **kw)
     for i, row in enumerate(out.tolist()):
         if len(out) > 1:
             print(f"--- sample {i} ---")
@@ -107,12 +115,12 @@ def sample_pictures(args, ckpt, model, mcfg, device, dtype, kind):
             raise UsageError(f"--label {args.label}: the model has {have}")
         args.label = label
     import metrics  # for its progress bar
-    kw = common.sampler_kwargs(model, lambda steps: metrics.progress(steps, "sampling"),
+    kw = sampler_kwargs(model, lambda steps: metrics.progress(steps, "sampling"),
                                steps=args.steps, eta=args.eta, guidance=args.guidance,
                                temperature=args.temperature)
     torch.manual_seed(args.seed)
     with autocast(device, dtype):
-        x = common.draw_samples(model, n, classes, device, label=args.label, **kw)
+        x = draw_samples(model, n, classes, device, label=args.label, **kw)
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "sample.png")
     data.save_samples(x, out, classes, args.label, points=ckpt["config"]["data"]["name"] if kind == "points" else None)
     print(f"wrote {out}")
@@ -122,5 +130,48 @@ def sample_pictures(args, ckpt, model, mcfg, device, dtype, kind):
     return 0
 
 
+# ---- the samples train.py writes at each evaluation -----------------------------------------
+
+def evaluation_text(judge, hooks, tokenizer, n_tokens, seed, device, dtype):
+    """n_tokens of text from the start of a document (temperature 0.8, top-k 200 where
+    generate() takes it), seeded by `seed`; None for a model without generate()."""
+    if hooks.generate is None:
+        return None
+    tok = data.get_tokenizer(tokenizer)
+    prompt = [tok.eot] if tok.eot is not None else tok.encode("\n")
+    kw = generate_kwargs(hooks.generate, device, seed, optional={"top_k": 200})
+    with autocast(device, dtype):
+        ids = hooks.generate(torch.tensor([prompt], device=device), n_tokens, **kw)
+    return tok.decode(ids[0, len(prompt):].tolist())
+
+
+def evaluation_pictures(judge, hooks, n, classes, val, out_dir, step, seed, device, dtype, points=None):
+    """samples-<step>.png and samples.png (data.save_samples); a model that can
+    reconstruct (VAE) also gets reconstructions.png (rows of val images, each above its
+    reconstructions) and interpolations.png (a row from one val image to another).
+    Seeded per step, inside a fork of the RNG: the training noise after this is the same
+    whether or not pictures were drawn, so a resumed run stays exact. -> the samples' path."""
+    pairs = line = None
+    with fork_rng(device), torch.no_grad():
+        torch.manual_seed(seed + step)
+        with autocast(device, dtype):
+            x = draw_samples(judge, n, classes, device)
+            rows = min(4, len(val.images) // 10) if points is None else 0
+            if rows and hooks.reconstruct is not None:
+                real = val.images[:10 * rows].to(device).float().div(127.5).sub(1)
+                shape = (rows, 10, *real.shape[1:])
+                pairs = torch.stack([real.view(shape), hooks.reconstruct(real).view(shape)], 1)
+                if hooks.interpolate is not None:
+                    line = hooks.interpolate(real[:5], real[5:10], 10)
+    path = os.path.join(out_dir, f"samples-{step:06d}.png")
+    data.save_samples(x, path, classes, points=points)
+    if pairs is not None:
+        data.save_grid(pairs.flatten(0, 2), os.path.join(out_dir, "reconstructions.png"), nrow=10)
+    if line is not None:
+        data.save_grid(line.flatten(0, 1), os.path.join(out_dir, "interpolations.png"), nrow=10)
+    shutil.copyfile(path, os.path.join(out_dir, "samples.png"))
+    return path
+
+
 if __name__ == "__main__":
-    common.cli(main)
+    cli(main)

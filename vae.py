@@ -118,13 +118,15 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if not cfg.point_dim and (cfg.image_size % 4 or cfg.image_size < 8):
+        for name, low, high in (("channels", 1, 256), ("point_dim", 0, 4096), ("z_dim", 1, 4096), ("width", 1, 1024),
+                                ("n_mix", 1, 64), ("prior_components", 0, 4096), ("kl_warmup", 0, 10 ** 12)):
+            if not low <= getattr(cfg, name) <= high:
+                raise ValueError(f"{name} must be in {low}..{high} (got {getattr(cfg, name)})")
+        if not cfg.point_dim and (cfg.image_size % 4 or not 8 <= cfg.image_size <= 4096):
             raise ValueError(f"image_size {cfg.image_size}: the nets halve it twice, so it must be a "
-                             f"multiple of 4 (28 and 32 work)")
-        if (cfg.z_dim < 1 or cfg.width < 1 or cfg.n_mix < 1 or cfg.beta < 0 or cfg.kl_warmup < 0
-                or cfg.prior_components < 0):
-            raise ValueError("z_dim, width and n_mix must be at least 1, beta, kl_warmup and prior_components "
-                             "not negative")
+                             f"multiple of 4 in 8..4096 (28 and 32 work)")
+        if not 0 <= cfg.beta < math.inf:
+            raise ValueError(f"beta must be a finite number >= 0 (got {cfg.beta})")
         self.cfg = cfg
         if cfg.point_dim:
             self.encoder = mlp(cfg.point_dim, 8 * cfg.width, 2 * cfg.z_dim)
@@ -139,14 +141,16 @@ class Model(nn.Module):
             self.prior_means = nn.Parameter(torch.randn(K, cfg.z_dim))
             self.prior_logvars = nn.Parameter(torch.zeros(K, cfg.z_dim))
             self.prior_logits = nn.Parameter(torch.zeros(K))
-            for p in (self.prior_means, self.prior_logvars, self.prior_logits):
-                p.no_weight_decay = True
         # The optimizer step, set by train.py before each step, for the KL warm-up; a tensor,
         # so that torch.compile reads it rather than baking each value into a new graph.
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
 
     def parameters_of(self, player):
         return self.parameters()
+
+    def no_weight_decay(self):
+        """The mixture prior's parameters: a density's, not weights (see __init__)."""
+        return [self.prior_means, self.prior_logvars, self.prior_logits] if self.cfg.prior_components else []
 
     def io_layers(self):
         """The layers that read x and write the decoder's distribution (train.py: AdamW's

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import bench
-import common
-from common import UsageError
+import cli
+import devices
+from cli import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,9 +65,8 @@ def test_compare_with_auto_shows_the_choice_against_the_faster(tmp_path, capsys,
     """--compare fp32,bf16,auto: the auto row is the row of the dtype --dtype auto chose
     (here its race is told bf16 is faster), with the race's timings, held against the
     faster fixed side."""
-    import train
-    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(train, "race_dtypes", lambda *a: {"fp32": 2.0, "bf16": 1.0})
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(devices, "race_dtypes", lambda *a: {"fp32": 2.0, "bf16": 1.0})
     path = tmp_path / "bench.json"
     code = bench.main(["train", "--models", "gpt", "--compare", "fp32,bf16,auto", "--steps", "1",
                        "--json", str(path), "--", *gpt_flags(tmp_path), "--device", "cpu"])
@@ -92,7 +92,7 @@ def test_a_run_that_stops_early_or_a_chosen_out_dir_is_one_line(tmp_path, capsys
     flags = [*gpt_flags(tmp_path), "--device", "cpu"]
     for extra in (["--out-dir", str(tmp_path / "mine")], ["--max-time", "1e-9"]):
         with pytest.raises(SystemExit) as e:  # bench.main raises it; the command line's wrapper says it
-            common.cli(bench.main, ["train", "--models", "gpt", "--steps", "2", "--", *flags, *extra])
+            cli.cli(bench.main, ["train", "--models", "gpt", "--steps", "2", "--", *flags, *extra])
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and ("--out-dir" in err[-1] or "stopped before step 8" in err[-1]), err  # (1 + 3 intervals) x 2 steps

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+import cli  # noqa: E402
 import metrics  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -95,7 +95,7 @@ def run_cli(main, argv, capsys):
     """(exit code, stderr) of main(argv) run as its command line runs it."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        common.cli(main, argv)
+        cli.cli(main, argv)
     return e.value.code, capsys.readouterr().err
 
 

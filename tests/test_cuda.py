@@ -3,8 +3,7 @@ torch.compile, nccl, sampling, the FID network and checkpoints across devices.
 
     python -m pytest -q tests -m cuda        # on a machine with CUDA; skipped elsewhere
 
-tools/gpu_check.sh runs these first on a lent GPU machine. (Written before one was lent:
-see the README for what has run where.)"""
+tools/gpu_check.sh runs these first on a GPU machine."""
 import json
 import os
 import subprocess
@@ -12,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from tolerances import assert_losses_agree
 
 import gpt
 import metrics
 import train
-from tolerances import assert_losses_agree
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")]
 

@@ -1,6 +1,6 @@
 import os
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-from common import UsageError  # noqa: E402
+from cli import UsageError  # noqa: E402
 from data import load  # noqa: E402
 
 
@@ -74,8 +74,8 @@ def test_pystdlib_splits_are_disjoint_by_file(stdlib):
 
 def test_pystdlib_info_and_batches(stdlib):
     tr = stdlib["train"]
-    assert tr.info == {"kind": "tokens", "shape": (256,), "vocab_size": 256, "bytes_per_token": 1.0,
-                       "num_tokens": len(tr), "tokenizer": "bytes", "num_classes": None}
+    assert tr.info == data.DataInfo(kind="tokens", shape=(256,), count=len(tr), vocab_size=256, bytes_per_token=1.0,
+                                    tokenizer="bytes")
     assert tr.tokens.dtype == np.uint16
     x, y = tr.batch(12, torch.Generator().manual_seed(7))
     assert x.shape == y.shape == (12, 256) and x.dtype == y.dtype == torch.int64
@@ -207,7 +207,7 @@ def test_load_with_large_vocab_writes_uint32(tmp_path, monkeypatch):
     x, y = d["train"].batch(8, torch.Generator().manual_seed(0))
     assert x.min() >= 70_000 and torch.equal(x[:, 1:], y[:, :-1])
     # the same two integers divided once (correctly rounded): equal, not just close
-    assert d["train"].info["bytes_per_token"] == len(text.encode()) / len(stream)
+    assert d["train"].info.bytes_per_token == len(text.encode()) / len(stream)
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_folder_of_txt_files_splits_by_file(tmp_path):
     assert want["val"] and want["train"]  # this set of names does put files on both sides
     for s in ("train", "val"):
         assert as_bytes(d[s].tokens).decode() == want[s]
-        assert d[s].info["bytes_per_token"] == 1.0
+        assert d[s].info.bytes_per_token == 1.0
 
 
 def test_folder_with_one_file_falls_back_to_tail_split(tmp_path):
@@ -273,8 +273,8 @@ def test_bpe_tokenizer_appends_eot_after_each_document(tmp_path, monkeypatch):
     d = load(str(folder), tokenizer="fake", data_dir=str(tmp_path / "d"), block_size=16)
     stream = np.concatenate([d["train"].tokens, d["val"].tokens])
     assert (stream == 256).sum() == 30 and stream[-1] == 256
-    assert d["train"].info["bytes_per_token"] == 30 * 120 / (30 * 121)  # one division of the same integers
-    assert d["train"].info["tokenizer"] == "fake" and d["train"].info["vocab_size"] == 257
+    assert d["train"].info.bytes_per_token == 30 * 120 / (30 * 121)  # one division of the same integers
+    assert d["train"].info.tokenizer == "fake" and d["train"].info.vocab_size == 257
 
 
 def test_bad_inputs_raise_one_line_data_errors(tmp_path):

@@ -7,9 +7,16 @@ import sys
 
 import pytest
 import torch
+from tolerances import (
+    U32,
+    U64,
+    assert_displacements_agree,
+    assert_losses_agree,
+    weights_at_start,
+)
 
+import checkpoint
 import diffusion
-from tolerances import U32, U64, assert_displacements_agree, assert_losses_agree, weights_at_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -655,7 +662,8 @@ def test_conv1x1_is_a_1x1_conv2d_and_loads_its_checkpoints():
     x = torch.randn(2, 8, 5, 5)
     assert torch.equal(ours(x), conv(x))  # the same convolution, on a view of the same weight
     fresh = diffusion.Conv1x1(8, 16)
-    fresh.load_state_dict(conv.state_dict())  # a [16, 8, 1, 1] weight from an older checkpoint
+    # a [16, 8, 1, 1] weight from an older checkpoint, converted where checkpoints are loaded
+    checkpoint.load_state(fresh, conv.state_dict(), "diffusion")
     assert torch.equal(fresh.weight, ours.weight)
 
 

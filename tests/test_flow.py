@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from tolerances import U32 as U
 
 import diffusion
-from tolerances import U32 as U
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_png import encode
 
-import common
+import checkpoint
+import cli
 import data
 import images
-from test_png import encode
 
 
 def gray(h, w, seed):
@@ -54,7 +55,7 @@ def test_a_folder_that_is_not_one_of_images_is_one_line(tmp_path, make, says):
     root = tmp_path / "f"
     root.mkdir()
     make(root)
-    with pytest.raises(common.UsageError, match=says) as e:
+    with pytest.raises(cli.UsageError, match=says) as e:
         images.list_folder(str(root))
     assert "\n" not in str(e.value)
 
@@ -119,7 +120,7 @@ def test_a_folder_loads_converted_and_cached_and_a_change_reads_it_again(tmp_pat
 def test_other_formats_without_pillow_name_the_file_and_the_fix(tmp_path, monkeypatch):
     (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff")
     monkeypatch.setitem(__import__("sys").modules, "PIL", None)  # as where Pillow is not installed
-    with pytest.raises(common.UsageError, match=r"a\.jpg.*pip install pillow"):
+    with pytest.raises(cli.UsageError, match=r"a\.jpg.*pip install pillow"):
         images.read_image(str(tmp_path / "a.jpg"))
 
 
@@ -131,7 +132,7 @@ def test_npz_arrays_and_their_one_line_errors(tmp_path):
     for bad, says in ((dict(x=x), "give arrays x"), (dict(x=x, y=np.zeros(5, int)), "one integer label"),
                       (dict(x=x, y=np.full(6, 3), classes=np.array(["a"])), "only 1 class")):
         np.savez(tmp_path / "bad.npz", **bad)
-        with pytest.raises(common.UsageError, match=says):
+        with pytest.raises(cli.UsageError, match=says):
             images.npz_arrays(str(tmp_path / "bad.npz"))
 
 
@@ -163,7 +164,7 @@ def test_a_class_folder_trains_a_conditional_model_samples_by_label_and_is_evalu
     assert train.main(["--model", model, "--data", folder, "--data-dir", str(tmp_path / "d"), *flags,
                        "--max-iters", "3", "--eval-interval", "3", "--eval-iters", "1", "--batch-size", "8",
                        "--sample-images", "6", "--dtype", "fp32", "--out-dir", out]) == 0
-    conf = common.load_checkpoint(f"{out}/ckpt.pt")["config"]
+    conf = checkpoint.load_checkpoint(f"{out}/ckpt.pt")["config"]
     assert conf["model_config"]["num_classes"] == 3  # taken from the folder
     assert conf["data"]["classes"] == ["bottom", "middle", "top"]
     png = str(tmp_path / "label2.png")
@@ -172,7 +173,7 @@ def test_a_class_folder_trains_a_conditional_model_samples_by_label_and_is_evalu
     by_name = str(tmp_path / "top.png")  # the class's name, as the checkpoint recorded it, does the same
     assert sample.main(["--ckpt", f"{out}/ckpt.pt", "--label", "top", "--num-samples", "4", "--out", by_name]) == 0
     assert np.array_equal(images.read_png(by_name), images.read_png(png))
-    with pytest.raises(common.UsageError, match=r"classes 0\.\.2 \(bottom, middle, top\)"):
+    with pytest.raises(cli.UsageError, match=r"classes 0\.\.2 \(bottom, middle, top\)"):
         sample.main(["--ckpt", f"{out}/ckpt.pt", "--label", "side"])
     report = str(tmp_path / "m.json")
     assert metrics.main(["--ckpt", f"{out}/ckpt.pt", "--n", "20", "--batch-size", "10", "--against", "val",
@@ -194,7 +195,7 @@ def test_other_formats_go_through_pillow_where_installed(tmp_path):
     assert np.array_equal(images.read_image(str(tmp_path / "g.tiff")), gray8[..., None])
     assert images.peek(str(tmp_path / "g.tiff")) == (6, 7, True)
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    with pytest.raises(common.UsageError, match="bad.jpg: not a readable image"):
+    with pytest.raises(cli.UsageError, match="bad.jpg: not a readable image"):
         images.read_image(str(tmp_path / "bad.jpg"))
 
 

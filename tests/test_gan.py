@@ -6,12 +6,21 @@ import sys
 
 import pytest
 import torch
+from tolerances import (
+    U32,
+    assert_displacements_agree,
+    assert_losses_agree,
+    reduction_error,
+    weights_at_start,
+)
 
-import common  # noqa: E402
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
+import contract  # noqa: E402
 import gan
 import metrics
+import optim  # noqa: E402
 import train
-from tolerances import U32, assert_displacements_agree, assert_losses_agree, reduction_error, weights_at_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTS = ["--model", "gan", "--data", "grid25", "--width", "8", "--z-dim", "4", "--batch-size", "32",
@@ -161,7 +170,7 @@ def test_digits_bf16_hinge_projection_and_concat_run(shared_data, tmp_path):
         run(*DIGITS, "--max-iters", "2", "--eval-interval", "2", "--data-dir", shared_data, "--out-dir", str(out), *extra)
         assert os.path.getsize(out / "samples.png") > 100
         assert not os.path.exists(out / "best.pt")  # a GAN's losses pick no best
-        model = common.build_from_checkpoint(ckpt(out))[1]
+        model = checkpoint.build_from_checkpoint(ckpt(out))[1]
         x = model.sample(6, y=torch.arange(6))
         assert x.shape == (6, 1, 28, 28) and x.abs().max() <= 1
 
@@ -173,7 +182,7 @@ def test_mode_coverage_rises_on_grid25(tmp_path):
     run("--model", "gan", "--preset", "grid25", "--max-iters", "1000", "--batch-size", "256", "--lr", "1e-3",
         "--min-lr", "1e-3", "--lr-hold", "0", "--eval-interval", "1000",
         "--eval-iters", "1", "--log-interval", "100", "--out-dir", str(out))
-    late = common.build_from_checkpoint(ckpt(out))[1].eval()
+    late = checkpoint.build_from_checkpoint(ckpt(out))[1].eval()
     torch.manual_seed(0)
     early = gan.Model(late.cfg).eval()  # an untrained G puts everything near the origin: one mode
     centers, std = gan_points()
@@ -193,7 +202,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, monkeypatch):
                   ("--pac", "3", "--batch-size", "16")):
         monkeypatch.setattr(sys, "argv", ["train.py", *POINTS, *flags, "--out-dir", str(tmp_path / "x")])
         with pytest.raises(SystemExit) as e:
-            common.cli(train.main)
+            cli.cli(train.main)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "multiple of 3" in err
@@ -471,7 +480,7 @@ def test_muon_steps_every_player_and_two_processes_equal_one(tmp_path):
     a, b = ckpt(tmp_path / "one"), ckpt(tmp_path / "two")
     start = weights_at_start(a)
     model = gan.Model(gan.Config(point_dim=2, width=8, z_dim=4, spectral_norm=False))
-    hidden = {n for n, p in model.named_parameters() if id(p) in train.muon_matrices(model)}
+    hidden = {n for n, p in model.named_parameters() if id(p) in optim.muon_matrices(model, contract.hooks(model))}
     assert hidden == {"generator.net.2.weight", "generator.net.4.weight", "discriminator.features.2.weight",
                       "discriminator.features.4.weight"}
     assert all(not torch.equal(a["model"][k], start[k]) for k in a["model"] if k.endswith(("weight", "bias")))

@@ -5,9 +5,9 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import U64
 
 import gpt
-from tolerances import U64
 
 # A sum of n terms, in any order, is off by at most (n - 1) u of the terms' magnitudes
 # (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., 4.2).

@@ -11,10 +11,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
-
-import common  # noqa: E402
-import data
 from tolerances import U32
+
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
+import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_digits_are_deterministic_balanced_and_distinct_between_splits(shared_data, tmp_path):
     splits = data.load("digits", data_dir=shared_data)
     tr, va = splits["train"], splits["val"]
-    assert tr.info["shape"] == (1, 28, 28) and tr.info["num_classes"] == 10
+    assert tr.info.shape == (1, 28, 28) and len(tr.info.classes) == 10
     assert len(tr) == 60000 and len(va) == 10000
     assert np.bincount(tr.labels.numpy()).tolist() == [6000] * 10
     assert np.bincount(va.labels.numpy()).tolist() == [1000] * 10
@@ -65,7 +66,7 @@ def test_read_idx_and_its_errors():
     a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     assert np.array_equal(data.read_idx(idx_bytes(a)), a)
     for bad in (b"\x01\x00\x08\x01", idx_bytes(a)[:-1], bytes([0, 0, 0x42, 1, 0, 0, 0, 0])):
-        with pytest.raises(common.UsageError):
+        with pytest.raises(cli.UsageError):
             data.read_idx(bad)
 
 
@@ -78,7 +79,7 @@ def test_read_cifar_bin_planes_and_labels():
     assert x.shape == (5, 3, 32, 32) and y.tolist() == labels.tolist()
     # record layout: the red plane's 1024 bytes, then green, then blue, each row by row
     assert x[2, 1, 4, 7] == pixels[2, 1024 + 4 * 32 + 7]
-    with pytest.raises(common.UsageError):
+    with pytest.raises(cli.UsageError):
         data.read_cifar_bin(raw[:-1])
 
 
@@ -102,21 +103,21 @@ def test_mnist_from_files_in_data_dir(tmp_path, monkeypatch):
     monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(urls=["http://127.0.0.1:9/"], files=sums))
     splits = data.load("mnist", data_dir=str(tmp_path))
     assert len(splits["train"]) == 50 and len(splits["val"]) == 20
-    assert splits["train"].info["shape"] == (1, 28, 28) and splits["train"].labels.max() < 10
+    assert splits["train"].info.shape == (1, 28, 28) and splits["train"].labels.max() < 10
 
 
 def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
     sums = fake_mnist(tmp_path / "mnist")
     sums["train-labels-idx1-ubyte.gz"] = "0" * 64
     monkeypatch.setitem(data.DOWNLOADS, "mnist", dict(urls=["http://127.0.0.1:9/"], files=sums))
-    with pytest.raises(common.UsageError, match="sha256.*delete it"):
+    with pytest.raises(cli.UsageError, match="sha256.*delete it"):
         data.load("mnist", data_dir=str(tmp_path))
 
 
 def test_offline_download_names_each_missing_file_and_where_to_put_it(tmp_path, monkeypatch):
     spec = dict(data.DOWNLOADS["cifar10"], urls=["http://127.0.0.1:9/"])
     monkeypatch.setitem(data.DOWNLOADS, "cifar10", spec)
-    with pytest.raises(common.UsageError) as e:
+    with pytest.raises(cli.UsageError) as e:
         data.load("cifar10", data_dir=str(tmp_path))
     msg = str(e.value)
     assert "\n" not in msg and "cifar-10-binary.tar.gz" in msg and "http://127.0.0.1:9/" in msg
@@ -133,7 +134,7 @@ def test_npy_layouts(tmp_path, shape, chw):
     a = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     np.save(tmp_path / "x.npy", a)
     splits = data.load(str(tmp_path / "x.npy"))
-    assert splits["train"].info["shape"] == chw
+    assert splits["train"].info.shape == chw
     assert len(splits["train"]) + len(splits["val"]) == 20 and len(splits["val"]) == 1
     assert splits["train"].labels is None and splits["train"].batch(4, torch.Generator())[1] is None
     # pixels survive the layout change: the val image is one of the inputs
@@ -147,13 +148,13 @@ def test_npy_layouts(tmp_path, shape, chw):
                                      (np.zeros((5, 8, 6), np.uint8), "square")])
 def test_npy_bad_input(tmp_path, arr, msg):
     np.save(tmp_path / "x.npy", arr)
-    with pytest.raises(common.UsageError, match=msg):
+    with pytest.raises(cli.UsageError, match=msg):
         data.load(str(tmp_path / "x.npy"))
 
 
 def test_npy_with_pickled_objects_is_refused(tmp_path):
     np.save(tmp_path / "x.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(common.UsageError, match="not a readable .npy"):
+    with pytest.raises(cli.UsageError, match="not a readable .npy"):
         data.load(str(tmp_path / "x.npy"))
 
 
@@ -260,7 +261,7 @@ def test_train_writes_sample_grids_and_metrics_evaluates_the_checkpoint(shared_d
     # it equals the model's own loss, nats per dim, on those images (the first 50 of val):
     # its fp32 mean over 50 images against bits_per_dim's float64 one of the same nll,
     # (50 + 8) u of it
-    model = common.build_from_checkpoint(common.load_checkpoint(str(out / "ckpt.pt")))[1].eval()
+    model = checkpoint.build_from_checkpoint(checkpoint.load_checkpoint(str(out / "ckpt.pt")))[1].eval()
     x = data.load("digits", data_dir=shared_data)["val"].images[:50].float().div(127.5).sub(1)
     with torch.no_grad():
         loss = model(x)[0].item()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import checkpoint
+import cli
 import data
 import train
 
@@ -43,8 +44,8 @@ def test_a_run_starts_from_another_runs_weights(tmp_path, shared_data, model):
     last, first = evals(src)[-1], evals(new)[0]
     assert first["step"] == 0
     assert {k: v for k, v in first.items() if "_loss" in k} == {k: v for k, v in last.items() if "_loss" in k}
-    ck = common.load_checkpoint(f"{new}/ckpt.pt")
-    assert ck["step"] == 2 and ck["config"]["model_config"] == common.load_checkpoint(f"{src}/ckpt.pt")[
+    ck = checkpoint.load_checkpoint(f"{new}/ckpt.pt")
+    assert ck["step"] == 2 and ck["config"]["model_config"] == checkpoint.load_checkpoint(f"{src}/ckpt.pt")[
         "config"]["model_config"]
 
 
@@ -66,8 +67,8 @@ def test_other_classes_get_fresh_label_embeddings_and_the_rest_is_kept(tmp_path,
         "--eval-interval", "1", "--lr", "1e-12", "--min-lr", "1e-12", "--warmup-iters", "0", "--optimizer", "sgd",
         "--grad-clip", "0", "--weight-decay", "0", data_dir=shared_data)
     assert "fresh" in capsys.readouterr().out
-    a = common.load_checkpoint(f"{src}/ckpt.pt")["model"]
-    b = common.load_checkpoint(f"{new}/ckpt.pt")["model"]
+    a = checkpoint.load_checkpoint(f"{src}/ckpt.pt")["model"]
+    b = checkpoint.load_checkpoint(f"{new}/ckpt.pt")["model"]
     resized = [k for k in b if k not in a or a[k].shape != b[k].shape]
     assert resized and all("emb" in k or "label" in k or "class" in k for k in resized), resized
     kept = [k for k in b if k not in resized]
@@ -81,9 +82,9 @@ def test_data_that_does_not_fit_is_one_line(tmp_path, shared_data):
     os.makedirs(small / "a")
     for i in range(20):
         data.write_png(str(small / "a" / f"{i}.png"), np.zeros((8, 8), np.uint8))
-    with pytest.raises(common.UsageError, match="image_size 28, this data needs 8"):
+    with pytest.raises(cli.UsageError, match="image_size 28, this data needs 8"):
         train.main(["--model", "vae", "--data", str(small), "--data-dir", shared_data, "--init-from",
                     f"{src}/ckpt.pt", "--out-dir", str(tmp_path / "o")])
-    with pytest.raises(common.UsageError, match="holds a vae model, not gan"):
+    with pytest.raises(cli.UsageError, match="holds a vae model, not gan"):
         train.main(["--model", "gan", "--data-dir", shared_data, "--init-from", f"{src}/ckpt.pt",
                     "--out-dir", str(tmp_path / "o2")])

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tolerances import U32, U64
 
-import common  # noqa: E402
+import cli  # noqa: E402
 import data
 import metrics
-from tolerances import U32, U64
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -410,7 +410,7 @@ def test_inception_forward_shapes_and_gray_equals_repeated_rgb():
 def test_inception_offline_error_names_file_url_and_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(metrics, "INCEPTION_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
-    with pytest.raises(common.UsageError) as e:
+    with pytest.raises(cli.UsageError) as e:
         metrics.load_inception()
     msg = str(e.value)
     assert "\n" not in msg and "pt_inception-2015-12-05-6726825d.pth" in msg
@@ -507,6 +507,21 @@ class RecordingInception(metrics.InceptionV3):
         return pool3, self.fc(pool3)
 
 
+def reference_preparations(real, fake):
+    """{(set, reference): what that reference feeds the network}, computed here from its definition."""
+    def pytorch_fid(u8):  # its loader's ToTensor (u8 / 255), torch's bilinear resize to 299, then 2x - 1
+        x = torch.nn.functional.interpolate(u8.float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+
+    my, mx = tf1_matrix(8, 299), tf1_matrix(8, 299)
+
+    def torch_fidelity(u8):  # TF1 resize of the uint8 values to 299, then (x - 128) / 128
+        return ((my @ u8.double() @ mx.T) - 128) / 128
+
+    return {(s, conv): fn(x) for s, x in (("real", real), ("fake", fake))
+            for conv, fn in (("pytorch-fid", pytorch_fid), ("torch-fidelity", torch_fidelity))}
+
+
 @pytest.mark.filterwarnings("ignore:FID from", "ignore:KID subsets")  # few samples on purpose
 def test_report_prepares_images_as_each_metrics_reference(monkeypatch):
     torch.manual_seed(12)
@@ -519,19 +534,7 @@ def test_report_prepares_images_as_each_metrics_reference(monkeypatch):
                                                data_dir="")
     rows, about = metrics.report(real, fake, real, {}, args, "test")
     assert "pytorch-fid" in about and "torch-fidelity" in about
-
-    # What each reference feeds the network, computed here from its definition.
-    def pytorch_fid(u8):  # its loader's ToTensor (u8 / 255), torch's bilinear resize to 299, then 2x - 1
-        x = torch.nn.functional.interpolate(u8.float() / 255, size=(299, 299), mode="bilinear", align_corners=False)
-        return 2 * x - 1
-
-    my, mx = tf1_matrix(8, 299), tf1_matrix(8, 299)
-
-    def torch_fidelity(u8):  # TF1 resize of the uint8 values to 299, then (x - 128) / 128
-        return ((my @ u8.double() @ mx.T) - 128) / 128
-
-    want = {(s, conv): fn(x) for s, x in (("real", real), ("fake", fake))
-            for conv, fn in (("pytorch-fid", pytorch_fid), ("torch-fidelity", torch_fidelity))}
+    want = reference_preparations(real, fake)
     # float32 preparation vs the float64 formula, in pixel units (<= 255) then / 128: the source
     # coordinate's rounding (<= 2u * 8 of position on each axis, times a slope <= 255) plus about 5
     # roundings of size <= 255u in the lerps and the - 128, with u = 2^-24; pytorch-fid's side (values
@@ -635,23 +638,23 @@ def test_cli_bad_input_is_one_line(tmp_path, shared_data):
 def test_n_at_most_k_is_one_error_naming_the_smallest_n(tmp_path):
     # precision/recall's k-th neighbour (itself excluded) needs k + 1 points in each set
     for argv, need in ((["--n", "3"], 4), (["--n", "5", "--k", "5"], 6)):
-        with pytest.raises(common.UsageError, match=f"--n {need}\\b"):
+        with pytest.raises(cli.UsageError, match=f"--n {need}\\b"):
             metrics.main(["--real", "grid25", "--fake", "grid25", *argv])
     # the smallest n that works, works
     assert metrics.main(["--real", "grid25", "--fake", "grid25", "--n", "4"]) == 0
     # n taken from the data: a .npy of 3 points compares only 3, whatever --n says
     np.save(tmp_path / "three.npy", np.random.RandomState(0).randn(3, 2).astype(np.float32))
-    with pytest.raises(common.UsageError, match="3 .*4"):
+    with pytest.raises(cli.UsageError, match="3 .*4"):
         metrics.main(["--real", "grid25", "--fake", str(tmp_path / "three.npy"), "--n", "1000"])
 
 
 def test_n_below_the_inception_scores_splits_is_one_error_naming_the_smallest_n(shared_data, tmp_path):
     # The Inception Score cuts the samples into 10 parts: 9 images leave one part empty.
-    with pytest.raises(common.UsageError, match="--n 10\\b"):
+    with pytest.raises(cli.UsageError, match="--n 10\\b"):
         metrics.main(["--real", "digits", "--fake", "digits", "--n", "9", "--data-dir", shared_data])
     # n taken from the data: a .npy of 5 images compares 5, whatever --n says
     np.save(tmp_path / "five.npy", np.zeros((5, 1, 28, 28), np.uint8))
-    with pytest.raises(common.UsageError, match="5 .*10"):
+    with pytest.raises(cli.UsageError, match="5 .*10"):
         metrics.main(["--real", "digits", "--fake", str(tmp_path / "five.npy"), "--n", "1000",
                       "--data-dir", shared_data])
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from tolerances import U32
 
 import gpt
-from tolerances import U32
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import optim  # noqa: E402
 from tolerances import U32, U64  # noqa: E402
+
+import contract
+import optim  # noqa: E402
 
 STEPS = 100
 
@@ -402,7 +404,7 @@ def test_weight_decay_groups():
 def test_weight_decay_groups_leave_out_marked_tensors():
     import vae
     m = vae.Model(vae.Config(point_dim=2, z_dim=3, prior_components=4))
-    decay, no_decay = optim.weight_decay_groups(m, 0.1)
+    decay, no_decay = optim.weight_decay_groups(m, 0.1, contract.hooks(m).no_decay)
     ids = {id(p) for p in no_decay["params"]}
     assert id(m.prior_means) in ids and id(m.prior_logvars) in ids  # 2D, yet a density's parameters
     assert id(m.encoder[0].weight) in {id(p) for p in decay["params"]}

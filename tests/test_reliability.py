@@ -13,11 +13,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_displacements_agree, assert_losses_agree, weights_at_start
 
-import common  # noqa: E402
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
+import contract  # noqa: E402
 import data
 import train
-from tolerances import assert_displacements_agree, assert_losses_agree, weights_at_start
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["gpt", "vae", "gan", "diffusion"]
@@ -71,7 +73,7 @@ def one_error_line(r):
     return lines[0]
 
 
-def cli(*argv, script="train.py", **kw):
+def shell(*argv, script="train.py", **kw):
     return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
 
@@ -81,7 +83,7 @@ def sample_main(argv, capsys):
     capsys.readouterr()
     try:
         code = sample.main(argv)
-    except common.UsageError as e:
+    except cli.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     return code, capsys.readouterr().err
@@ -92,14 +94,14 @@ def train_cli(argv, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        common.cli(train.main)
+        cli.cli(train.main)
     return e.value.code, capsys.readouterr().err
 
 
 def patch_forward(monkeypatch, model, change):
     """Wrap the model's training forward: change(call, loss, parts, model) -> (loss, parts),
     call counting training forwards from 1 (a GAN has two a step)."""
-    cls = common.load_module(model).Model
+    cls = contract.load_module(model).Model
     real, calls = cls.forward, [0]
 
     def forward(self, *a, **kw):
@@ -151,10 +153,10 @@ def save(obj, f, *a, **kw):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(obj, f, *a, **kw)
 torch.save = save
-import common
+import cli
 import train
 sys.argv[0] = "train.py"
-common.cli(train.main)
+cli.cli(train.main)
 """
 
 
@@ -171,7 +173,7 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_last_one(model, tmp_path, cor
     assert glob.glob(os.path.join(out, "ckpt.pt.tmp*")), "the kill should have left the half-written file"
     assert load(out)["step"] == 4  # the previous checkpoint, whole
     assert max(losses(out)) == 8  # the log ran ahead of it
-    r = cli(*a, "--out-dir", out, "--resume")
+    r = shell(*a, "--out-dir", out, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "removed" in r.stdout and not glob.glob(os.path.join(out, "*.tmp*"))
     assert losses(out) == losses(whole)  # steps 5-8 redone exactly, logged once
@@ -195,8 +197,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     out.mkdir()
     path = str(out / "ckpt.pt")
     torch.save({"model": {}, "config": {"model": "gpt"}, "step": 0, "payload": Payload(marker)}, path)
-    for r in (cli("--ckpt", path, script="sample.py"), cli("--ckpt", path, script="metrics.py"),
-              cli("--out-dir", str(out), "--resume")):
+    for r in (shell("--ckpt", path, script="sample.py"), shell("--ckpt", path, script="metrics.py"),
+              shell("--out-dir", str(out), "--resume")):
         assert r.returncode == 2
         line = one_error_line(r)
         assert path in line and "refused" in line
@@ -279,7 +281,7 @@ def test_a_nonfinite_loss_stops_naming_the_step_and_part(model, tmp_path, corpus
     # the GAN's 12th training forward is the generator's of step 5; the others' 6th is step 5
     at = 12 if model == "gan" else 6
     patch_forward(monkeypatch, model, lambda c, loss, p, m: (loss * float("nan") if c >= at else loss, p))
-    with pytest.raises(common.UsageError, match=("generator " if model == "gan" else "") +
+    with pytest.raises(cli.UsageError, match=("generator " if model == "gan" else "") +
                        "loss is not finite at step 5; stopped, the last good checkpoint"):
         train.main(model_args(model, tmp_path, corpus, shared_data) + ["--max-iters", "20", "--out-dir", out])
     ck = load(out)
@@ -291,7 +293,7 @@ def test_a_nonfinite_gradient_behind_a_finite_loss_is_caught(tmp_path, corpus, s
     def poison(c, loss, p, m):
         return (loss + torch.sqrt(next(m.parameters()).sum() * 0) if c == 3 else loss), p
     patch_forward(monkeypatch, "gpt", poison)
-    with pytest.raises(common.UsageError, match="gradient is not finite at step 2"):
+    with pytest.raises(cli.UsageError, match="gradient is not finite at step 2"):
         train.main(model_args("gpt", tmp_path, corpus, shared_data) + ["--max-iters", "8", "--out-dir",
                                                                        str(tmp_path / "g")])
 
@@ -390,7 +392,7 @@ def test_a_dead_rank_ends_the_job_quickly_and_leaves_the_checkpoint_whole(tmp_pa
     assert p.returncode != 0
     assert took < 60, took
     assert "lost contact with another process" in err
-    assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] >= 5  # whole and loadable
+    assert checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] >= 5  # whole and loadable
 
 
 # ---- bad input ---------------------------------------------------------------------------
@@ -498,10 +500,10 @@ def test_fuzz_idx_and_cifar_readers(no_hang):
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
     idx = b"\x00\x00\x08\x03" + b"".join(d.to_bytes(4, "big") for d in images.shape) + images.tobytes()
     assert np.array_equal(data.read_idx(idx), images)
-    fuzz(data.read_idx, idx, 300, common.UsageError, no_hang)
+    fuzz(data.read_idx, idx, 300, cli.UsageError, no_hang)
     rec = np.random.default_rng(1).integers(0, 256, (2, 3073), dtype=np.uint8)
     rec[:, 0] = [3, 7]
-    fuzz(data.read_cifar_bin, rec.tobytes(), 300, common.UsageError, no_hang)
+    fuzz(data.read_cifar_bin, rec.tobytes(), 300, cli.UsageError, no_hang)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy's header parser on fuzzed escapes
@@ -514,7 +516,7 @@ def test_fuzz_npy_reader(tmp_path, no_hang):
     def read(blob):
         path.write_bytes(blob)
         data.npy_arrays(str(path))
-    out = fuzz(read, buf.getvalue(), 300, common.UsageError, no_hang)
+    out = fuzz(read, buf.getvalue(), 300, cli.UsageError, no_hang)
     assert out["ok"] > 0  # some flips land in the pixels and leave a valid file
 
 
@@ -526,8 +528,8 @@ def test_fuzz_text_reader(tmp_path, no_hang):
         n[0] += 1
         path.write_bytes(blob)
         splits = data.load(str(path), data_dir=str(tmp_path / f"d{n[0]}"), block_size=8)
-        assert splits["train"].info["vocab_size"] == 256
-    out = fuzz(read, text, 150, common.UsageError, no_hang)
+        assert splits["train"].info.vocab_size == 256
+    out = fuzz(read, text, 150, cli.UsageError, no_hang)
     assert out["ok"] > 0
 
 
@@ -537,6 +539,6 @@ def test_fuzz_checkpoint_loader(gan_ckpt, tmp_path, no_hang):
 
     def read(b):
         open(path, "wb").write(b)
-        ck = common.load_checkpoint(path)
-        common.build_from_checkpoint(ck)
-    fuzz(read, blob, 150, common.UsageError, no_hang)
+        ck = checkpoint.load_checkpoint(path)
+        checkpoint.build_from_checkpoint(ck)
+    fuzz(read, blob, 150, cli.UsageError, no_hang)

@@ -9,10 +9,13 @@ import time
 
 import pytest
 import torch
-
-import common
-import train
 from tolerances import assert_displacements_agree, assert_losses_agree, weights_at_start
+
+import cli
+import contract
+import devices
+import optim
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -52,7 +55,7 @@ def error_lines(stderr):
     return [l for l in stderr.strip().splitlines() if not l.startswith("data: ")]
 
 
-def cli(*argv, script="train.py", **kw):
+def shell(*argv, script="train.py", **kw):
     return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
 
@@ -165,19 +168,19 @@ def test_dtype_auto_takes_the_faster_and_a_resumed_run_keeps_it(tmp_path, corpus
     the faster; the checkpoint records the choice and a resumed run keeps it, whatever a
     new race would say. (The race's timings are stubbed: which dtype is faster is this
     machine's business, bench.py's to show.)"""
-    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
     flags = [*args(tmp_path, corpus, "auto", "--max-iters", "2", "--eval-interval", "2")]
     flags[flags.index("--dtype") + 1] = "auto"
     seen = []
-    monkeypatch.setattr(train, "race_dtypes", lambda *a: seen.append(a) or {"fp32": 2.0, "bf16": 1.0})
+    monkeypatch.setattr(devices, "race_dtypes", lambda *a: seen.append(a) or {"fp32": 2.0, "bf16": 1.0})
     assert train.main(flags) == 0 and len(seen) == 1
     assert torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "bf16"
-    monkeypatch.setattr(train, "race_dtypes", lambda *a: seen.append(a) or {"fp32": 1.0, "bf16": 2.0})
+    monkeypatch.setattr(devices, "race_dtypes", lambda *a: seen.append(a) or {"fp32": 1.0, "bf16": 2.0})
     assert train.main([*flags, "--max-iters", "3", "--resume"]) == 0 and len(seen) == 1  # no new race
     assert torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "bf16"
     assert train.main([*flags, "--out-dir", str(tmp_path / "auto2")]) == 0 and len(seen) == 2  # a new run races
     assert torch.load(tmp_path / "auto2" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "fp32"
-    monkeypatch.setattr(common, "cpu_has_bf16", lambda: False)  # emulated bf16 here: fp32, no race
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)  # emulated bf16 here: fp32, no race
     assert train.main([*flags, "--out-dir", str(tmp_path / "avx2")]) == 0 and len(seen) == 2
     assert torch.load(tmp_path / "avx2" / "ckpt.pt", weights_only=True)["config"]["dtype"] == "fp32"
     # and a bf16 run resumed where bf16 is emulated chooses again rather than crawl
@@ -190,17 +193,17 @@ def test_every_process_takes_rank_0s_dtype(monkeypatch):
     broadcast of rank 0's answer and trains in it (no rank waits on a collective that
     another skips)."""
     raced, sent = [], []
-    monkeypatch.setattr(train, "race_dtypes", lambda *a: raced.append(1) or {"fp32": 2.0, "bf16": 1.0})
+    monkeypatch.setattr(devices, "race_dtypes", lambda *a: raced.append(1) or {"fp32": 2.0, "bf16": 1.0})
 
     def broadcast(t, src):  # what rank 0 sends: bf16
         assert src == 0
         sent.append(int(t))
         t.fill_(1)
-    monkeypatch.setattr(train.dist, "broadcast", broadcast)
+    monkeypatch.setattr(devices.dist, "broadcast", broadcast)
     cpu, tcfg = torch.device("cpu"), train.TrainConfig(dtype="auto")
     for rank, bf16_here in ((0, True), (1, True), (1, False)):
-        monkeypatch.setattr(common, "cpu_has_bf16", lambda: bf16_here)
-        got, _ = train.run_dtype(tcfg, None, None, None, cpu, rank, True, lambda *a: None)
+        monkeypatch.setattr(devices, "cpu_has_bf16", lambda: bf16_here)
+        got, _ = devices.run_dtype(tcfg, None, None, None, None, cpu, rank, True, lambda *a: None)
         assert got == torch.bfloat16
     assert raced == [1] and sent == [1, 1, 0]  # rank 0 raced; each rank's own guess was overridden
 
@@ -208,9 +211,9 @@ def test_every_process_takes_rank_0s_dtype(monkeypatch):
 def test_a_run_that_raced_equals_one_that_did_not(tmp_path, corpus, monkeypatch):
     """The real race runs (its answer set to fp32), then the run: the log and weights are
     bit for bit those of a --dtype fp32 run, so racing changed nothing but the choice."""
-    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
-    real, ran = train.race_dtypes, []
-    monkeypatch.setattr(train, "race_dtypes", lambda *a: ran.append(real(*a)) or {"fp32": 1.0, "bf16": 2.0})
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    real, ran = devices.race_dtypes, []
+    monkeypatch.setattr(devices, "race_dtypes", lambda *a: ran.append(real(*a)) or {"fp32": 1.0, "bf16": 2.0})
     flags = args(tmp_path, corpus, "raced", "--max-iters", "3", "--eval-interval", "3", "--dropout", "0.1")
     flags[flags.index("--dtype") + 1] = "auto"
     assert train.main(flags) == 0 and len(ran) == 1
@@ -231,7 +234,7 @@ def test_the_dtype_race_leaves_the_run_untouched(corpus, tmp_path):
     split = data.load(corpus, data_dir=str(tmp_path / "data"), block_size=32)["train"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    took = train.race_dtypes(model, split, 4, torch.device("cpu"), seed=1)
+    took = devices.race_dtypes(model, contract.hooks(model), split, 4, torch.device("cpu"), seed=1)
     assert took.keys() == {"fp32", "bf16"} and all(0 < t < float("inf") for t in took.values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -268,7 +271,7 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path, corpus):
         "            if Model.calls > 6:\n"
         "                loss = loss * float('nan')\n"
         "        return loss, logs\n" % ROOT)
-    r = cli("--model", str(fork), *args(tmp_path, corpus, "nan", "--max-iters", "20", "--eval-interval", "5",
+    r = shell("--model", str(fork), *args(tmp_path, corpus, "nan", "--max-iters", "20", "--eval-interval", "5",
                                           "--log-interval", "3"))
     assert r.returncode == 2
     assert len(error_lines(r.stderr)) == 1
@@ -297,7 +300,7 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, argv, says, capsys, monkey
     monkeypatch.setattr(sys, "argv", ["train.py", *argv, "--out-dir", str(tmp_path / "o"),
                                       "--data-dir", str(tmp_path / "d"), "--max-iters", "1"])
     with pytest.raises(SystemExit) as e:
-        common.cli(train.main)
+        cli.cli(train.main)
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     lines = error_lines(err)
@@ -310,8 +313,8 @@ def test_truncated_checkpoint_gets_one_line(tmp_path, corpus):
     path = tmp_path / "ok" / "ckpt.pt"
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2])
-    for r in (cli("--ckpt", str(path), script="sample.py"),
-              cli(*args(tmp_path, corpus, "ok", "--resume"))):
+    for r in (shell("--ckpt", str(path), script="sample.py"),
+              shell(*args(tmp_path, corpus, "ok", "--resume"))):
         assert r.returncode == 2
         assert len(error_lines(r.stderr)) == 1, r.stderr
         assert str(path) in r.stderr and "not a readable" in r.stderr
@@ -320,11 +323,11 @@ def test_truncated_checkpoint_gets_one_line(tmp_path, corpus):
 def test_sample_prints_text_and_refuses_a_long_prompt(tmp_path, corpus):
     assert train.main(args(tmp_path, corpus, "s", "--max-iters", "2", "--eval-interval", "2")) == 0
     ck = str(tmp_path / "s" / "ckpt.pt")
-    r = cli("--ckpt", ck, "--prompt", "def ", "--max-new-tokens", "20", "--top-k", "5", "--top-p", "0.9",
+    r = shell("--ckpt", ck, "--prompt", "def ", "--max-new-tokens", "20", "--top-k", "5", "--top-p", "0.9",
             script="sample.py")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def ") and len(r.stdout) >= 20
-    r = cli("--ckpt", ck, "--prompt", "x" * 33, script="sample.py")
+    r = shell("--ckpt", ck, "--prompt", "x" * 33, script="sample.py")
     assert r.returncode == 2 and "longer than the model's context of 32" in r.stderr
 
 
@@ -349,14 +352,14 @@ def test_init_from_gpt2_weights(tmp_path, corpus):
     ck = torch.load(tmp_path / "crop" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 3 and ck["model"]["wpe.weight"].shape == (16, 64)
     torch.save(fake_gpt2_state_dict(vocab=100, ctx=32), tmp_path / "small.bin")
-    r = cli(*args(tmp_path, corpus, "ft2", "--init-from", str(tmp_path / "small.bin")))
+    r = shell(*args(tmp_path, corpus, "ft2", "--init-from", str(tmp_path / "small.bin")))
     assert r.returncode == 2 and "--tokenizer gpt2" in r.stderr
-    r = cli(*args(tmp_path, corpus, "ft3", "--init-from", str(tmp_path / "pytorch_model.bin"), "--n-layer", "5"))
+    r = shell(*args(tmp_path, corpus, "ft3", "--init-from", str(tmp_path / "pytorch_model.bin"), "--n-layer", "5"))
     assert r.returncode == 2 and "--n-layer 5: the GPT-2 weights have 2" in r.stderr
 
 
 def test_help_names_every_flag():
-    r = cli("--help")
+    r = shell("--help")
     assert r.returncode == 0
     for flag in ["--batch-size", "--grad-accum", "--max-time", "--dtype", "--compile", "--resume",
                  "--init-from", "--n-layer", "--n-embd", "--block-size", "--tokenizer", "--preset"]:
@@ -369,7 +372,7 @@ def test_readme_quickstart_runs_a_few_steps(tmp_path):
     cmd = re.search(r"^(?:.*&& )?(python train\.py[^\n]*)$", readme, flags=re.M).group(1)
     extra = ["--max-iters", "2", "--eval-iters", "1", "--sample-tokens", "10", "--batch-size", "4",
              "--out-dir", str(tmp_path / "q"), "--data-dir", str(tmp_path / "d")]
-    r = cli(*cmd.split()[2:], *extra)
+    r = shell(*cmd.split()[2:], *extra)
     assert r.returncode == 0, r.stderr
     assert "val" in r.stdout and os.path.exists(tmp_path / "q" / "ckpt.pt")
 
@@ -379,9 +382,9 @@ def test_compile_check_answers_without_compiling():
     answer must come back, never an exception (a stray local import once made it raise
     UnboundLocalError, so every --compile run crashed); compiling itself stays out of the
     default tests (~20 s on CPU): bench.py --compare eager,compile runs it."""
-    why = common.compile_unavailable(torch.device("cpu"))
+    why = devices.compile_unavailable(torch.device("cpu"))
     assert why is None or isinstance(why, str) and why
-    assert common.compile_unavailable(torch.device("cpu")) == why
+    assert devices.compile_unavailable(torch.device("cpu")) == why
 
 
 def test_muon_takes_hidden_matrices_and_adamw_the_rest():
@@ -390,7 +393,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     import gpt
     tcfg = train.TrainConfig(optimizer="muon")
     m = gpt.Model(gpt.Config(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40))
-    (muon, adamw), = [o.parts for o in train.make_optimizers(m, tcfg).values()]
+    (muon, adamw), = [o.parts for o in optim.make_optimizers(m, contract.hooks(m), tcfg).values()]
     names = {id(p): n for n, p in m.named_parameters()}
     hidden = {f"h.{i}.{w}.weight" for i in range(2) for w in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert {names[id(p)] for g in muon.param_groups for p in g["params"]} == hidden
@@ -399,7 +402,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     # a conditional U-Net: every conv and linear kernel but the first and last conv and the
     # label embedding; conv kernels are stepped by Muon as matrices (flatten)
     m = diffusion.Model(diffusion.Config(image_size=8, base=8, mults=(1, 2), attn_res=(4,), num_classes=3))
-    (muon, adamw), = [o.parts for o in train.make_optimizers(m, tcfg).values()]
+    (muon, adamw), = [o.parts for o in optim.make_optimizers(m, contract.hooks(m), tcfg).values()]
     names = {id(p): n for n, p in m.named_parameters()}
     got = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert got == {n for n, p in m.named_parameters() if p.dim() >= 2} - {
@@ -409,7 +412,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     # prior's means and log-variances, a density's parameters (no weight decay either)
     import vae
     m = vae.Model(vae.Config(image_size=8, prior_components=4))
-    (muon, adamw), = [o.parts for o in train.make_optimizers(m, tcfg).values()]
+    (muon, adamw), = [o.parts for o in optim.make_optimizers(m, contract.hooks(m), tcfg).values()]
     names = {id(p): n for n, p in m.named_parameters()}
     got = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert got == {n for n, p in m.named_parameters() if p.dim() >= 2} - {
@@ -423,12 +426,13 @@ def test_muon_step_is_torch_muon_and_adamw():
     if not hasattr(torch.optim, "Muon"):
         pytest.skip("this torch has no torch.optim.Muon (since 2.9)")
     import copy
+
     import gpt
     tcfg = train.TrainConfig(optimizer="muon", lr=0.01, weight_decay=0.1, muon_momentum=0.9, beta1=0.8, beta2=0.9)
     torch.manual_seed(0)
     a = gpt.Model(gpt.Config(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40))
     b = copy.deepcopy(a)
-    ours, = train.make_optimizers(a, tcfg).values()
+    ours, = optim.make_optimizers(a, contract.hooks(a), tcfg).values()
     matrices = [p for n, p in b.named_parameters() if n.startswith("h.") and p.dim() == 2]
     others = [p for p in b.parameters() if all(p is not q for q in matrices)]
     theirs = [torch.optim.Muon(matrices, lr=0.01, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw"),

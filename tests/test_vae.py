@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-
-import common  # noqa: E402
-import vae
 from tolerances import U32, U64
+
+import checkpoint  # noqa: E402
+import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -445,7 +445,7 @@ def test_training_lowers_the_bound_and_writes_its_pictures(shared_data, tmp_path
     # reported IWAE figure's from two more IWAE runs (an image's variance is half the
     # square of their difference), both of the mean over the 20 images.
     import data
-    model = common.build_from_checkpoint(common.load_checkpoint(str(out / "ckpt.pt")))[1].eval()
+    model = checkpoint.build_from_checkpoint(checkpoint.load_checkpoint(str(out / "ckpt.pt")))[1].eval()
     x = data.load("digits", data_dir=shared_data)["val"].images[:20].float().div(127.5).sub(1)
     torch.manual_seed(0)
     with torch.no_grad():

@@ -81,9 +81,9 @@ def assert_displacements_agree(a, b, start, n, terms, steps, adam=True, muon=(),
 def weights_at_start(ckpt):
     """The weights a run started from: train.py seeds torch with the run's seed, then
     builds the model from its config (the same on every rank)."""
-    import common
+    import contract
     conf = ckpt["config"]
-    module = common.load_module(conf["model_path"] if os.path.isfile(conf.get("model_path", "")) else conf["model"])
+    module = contract.load_module(conf["model_path"] if os.path.isfile(conf.get("model_path", "")) else conf["model"])
     cfg = module.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in conf["model_config"].items()})
     torch.manual_seed(conf["train_config"]["seed"])
     return module.Model(cfg).state_dict()
