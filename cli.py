@@ -114,7 +114,10 @@ def add_fields(parser, cls, title):
             try:
                 return parse_value(text, f.type, f.default)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"invalid value {text!r}")
+                item = f.default[0] if isinstance(f.default, tuple) and f.default else f.default
+                want = {int: "an integer", float: "a finite number"}.get(type(item), type(item).__name__)
+                want = f"a comma-separated list of {want.split()[-1]}s" if isinstance(f.default, tuple) else want
+                raise argparse.ArgumentTypeError(f"invalid value {text!r}, not {want}")
         conv.__name__ = type(f.default).__name__
         group.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS,
                            metavar=type(f.default).__name__.upper(), help=doc)
@@ -124,7 +127,7 @@ def check_ranges(cfg, rules):
     """Refuse, as one line (UsageError), the first field of dataclass `cfg` that breaks its
     rule: a tuple of the values allowed, or an interval as in mathematics ("[0, 1)",
     "(0, 1e3]", "[1, inf)"), optionally followed by a hint for the message. Only the side
-    a value breaks is named: "--lr must be > 0 (got -1.0)", "--beta2 must be below 1"."""
+    a value breaks is named: "--lr must be > 0 (got -1.0)", "--beta2 1.5 is too large: it must be below 1"."""
     for name, rule in rules.items():
         value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
         if isinstance(rule, tuple):
@@ -135,10 +138,11 @@ def check_ranges(cfg, rules):
         low, high = float(low), float(high)
         shown = lambda x: int(x) if x == int(x) else f"{x:g}"
         if value < low or (value == low and left == "("):
-            side = ("a positive integer" if isinstance(value, int) and low == 1 and left == "[" else
-                    f"{'>' if left == '(' else '>='} {shown(low)}")
+            says = (f"{flag} must not be negative" if low == 0 and left == "[" else
+                    f"{flag} must be a positive integer" if isinstance(value, int) and low == 1 and left == "[" else
+                    f"{flag} must be {'>' if left == '(' else '>='} {shown(low)}") + f" (got {value})"
         elif value > high or (value == high and right == ")"):
-            side = f"{'below' if right == ')' else 'at most'} {shown(high)}"
+            says = f"{flag} {value} is too large: it must be {'below' if right == ')' else 'at most'} {shown(high)}"
         else:
             continue
-        raise UsageError(f"{flag} must be {side} (got {value})" + (f": {hint}" if hint else ""))
+        raise UsageError(says + (f"; {hint}" if hint else ""))

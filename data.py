@@ -878,6 +878,12 @@ def load_for_model(name, mcfg, given, tokenizer, data_dir, model="the model", pr
             raise UsageError(f"tokenizer {tokenizer} has {info.vocab_size} symbols but the model's "
                              f"vocab_size is {mcfg.vocab_size}; {fix}")
     for k, v in info.model_fields().items():
-        if k != "vocab_size" and v is not None and hasattr(mcfg, k) and k not in given:
-            setattr(mcfg, k, v)
+        if k == "vocab_size" or not hasattr(mcfg, k):
+            continue
+        mine = getattr(mcfg, k)
+        if k not in given:
+            setattr(mcfg, k, mine if v is None else v)
+        elif mine != v and not (k == "num_classes" and mine == 0):  # 0 classes: labels ignored, on purpose
+            has = f"{k.replace('_', ' ')} {v}" if v is not None else "no labels" if k == "num_classes" else f"no {k}"
+            raise UsageError(f"--{k.replace('_', '-')} {mine}: {name} has {has}; drop the flag, the data sets it")
     return splits, info

@@ -235,9 +235,10 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if not cfg.mults or not all(1 <= m <= 64 for m in cfg.mults) or not all(r >= 1 for r in cfg.attn_res):
-            raise ValueError(f"mults must list 1 or more multipliers in 1..64, and attn_res resolutions of 1 pixel "
-                             f"or more (got {cfg.mults}, {cfg.attn_res})")
+        if not cfg.mults or not all(1 <= m <= 64 for m in cfg.mults):
+            raise ValueError(f"mults must list 1 or more multipliers in 1..64 (got {cfg.mults})")
+        if not all(r >= 1 for r in cfg.attn_res):
+            raise ValueError(f"attn_res must list resolutions of 1 pixel or more, or none (got {cfg.attn_res})")
         levels = len(cfg.mults) - 1
         for name, low, high in (("channels", 1, 256), ("image_size", 2 ** levels, 4096), ("num_classes", 0, 2 ** 20),
                                 ("base", 1, 4096), ("num_res_blocks", 0, 64), ("timesteps", 2, 100_000)):

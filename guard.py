@@ -2,6 +2,7 @@
 value, or a lost process; and the process group's start and orderly end.
 """
 import contextlib
+import os
 import re
 import signal
 import time
@@ -172,6 +173,12 @@ class NonFinite:
     def error(self, ckpt_path):
         step, slot = divmod(self.found, self.SLOTS)
         label = next(name for name, s in self.slots.items() if s == slot)
-        return UsageError(f"{label} is not finite at step {step}; stopped, the last good checkpoint "
-                          f"{ckpt_path} is kept (lower --lr, try --dtype fp32, or --skip-nonfinite to skip "
-                          f"such updates)")
+        return not_finite(label, step, ckpt_path)
+
+
+def not_finite(what, step, ckpt_path):
+    """The one line of a run stopped by a non-finite value, naming what it kept."""
+    kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else \
+        "no checkpoint had been written"
+    return UsageError(f"{what} is not finite at step {step}; stopped, {kept} (lower --lr, try --dtype fp32, or "
+                      f"--skip-nonfinite to skip such updates)")

@@ -3,11 +3,9 @@
     python train.py --model gpt --preset tiny
     torchrun --standalone --nproc_per_node 2 train.py --model gpt --preset tiny
 
-A model is a module of this project (gpt, diffusion, vae, gan) or the path of any .py
-file with a dataclass Config (each field a flag: n_layer -> --n-layer, its comment the
-help) and a Model with forward(x, y=None) -> (loss, {name: value to log}) and
-sample(n, y=None); README.md, "Write or fork a model", has the optional hooks.
-Precedence: defaults < --preset < flags on the command line.
+A model is a module of this project (gpt, diffusion, vae, gan) or any .py file with a
+dataclass Config (each field a flag) and a Model(nn.Module) with forward and sample
+(README.md, "Write or fork a model"). Precedence: defaults < --preset < flags.
 
 Reading order: main starts the processes; Trainer.__init__ builds the run (or the run
 it resumes); Trainer.fit is the loop; Trainer.train_step is one optimizer step of every
@@ -38,10 +36,10 @@ import plot
 import sample
 from checkpoint import (Progress, gpt2_model, link_best, model_name, prepare_out_dir, restore, resume_from,
                         run_config, save_checkpoint, strip_prefixes, weights_from_run)
-from cli import Parser, UsageError, add_fields, cli
+from cli import Parser, UsageError, add_fields, check_ranges, cli
 from contract import default_data, forward_kwargs, hooks, load_module, presets
 from devices import autocast, dtype_name, fork_rng, pick_device, run_dtype, wrap
-from guard import NonFinite, Stop, agree_to_stop, process_group
+from guard import NonFinite, Stop, agree_to_stop, not_finite, process_group
 from plot import Meter
 
 
@@ -127,19 +125,18 @@ def apply(tcfg, mcfg, overrides):
 
 def check(tcfg):
     """Every training setting in its range, or one line that says which is not and why."""
-    from cli import check_ranges
-    big = 2 ** 20  # examples per micro-batch and per step, evaluation batches, sampled tokens
+    big, most_wd = 2 ** 20, 1 / tcfg.lr if tcfg.lr > 0 else math.inf  # big: examples per step, batches, tokens
     check_ranges(tcfg, dict(
         batch_size=f"[1, {big}]", grad_accum=f"[1, {big}]", max_iters="[0, inf)", max_time="[0, inf)",
         optimizer=("adamw", "adam", "sgd", "muon"), lr="(0, 1e3]", min_lr=f"[0, {tcfg.lr}] the cosine's floor",
         warmup_iters="[0, inf)", lr_decay_iters="[0, inf)", lr_hold="[0, 1) a share, e.g. 0.7 (0: none)",
-        weight_decay=f"[0, {1 / tcfg.lr if tcfg.lr > 0 else math.inf}) each step scales the weights by 1 - lr * weight_decay",
+        weight_decay=f"[0, {most_wd}) each step scales the weights by 1 - lr * weight_decay",
         beta1="[0, 1)", beta2="[0, 1)", muon_momentum="[0, 1) e.g. 0.95", grad_clip="[0, inf)",
         ema="[0, 1) a decay, e.g. 0.999 (0: off)", dtype=("auto", "bf16", "fp16", "fp32"),
         seed=f"[0, {2 ** 32 - 1}]", eval_interval="[1, inf)", eval_iters=f"[1, {big}]", log_interval="[1, inf)",
         sample_tokens=f"[0, {big}]", sample_images="[1, 4096]"))
     if tcfg.batch_size * tcfg.grad_accum > big:
-        raise UsageError(f"--batch-size x --grad-accum must be at most {big} (got {tcfg.batch_size * tcfg.grad_accum})")
+        raise UsageError(f"--batch-size x --grad-accum must be at most {big} examples per step")
     if not tcfg.data_dir:
         raise UsageError("--data-dir must name a folder (default: data)")
 
@@ -447,6 +444,9 @@ class Trainer:
                                                       for key, v in rec.items() if "_loss" in key)
                  + (f" | val {rec['val_bpb']:.3f} bits/byte" if "val_bpb" in rec else ""))
         self.log(rec)
+        bad = next((key for key, v in rec.items() if "_loss" in key and not math.isfinite(v)), None)
+        if bad:  # weights a step has wrecked: never saved, nor sampled
+            raise not_finite(f"the evaluation's {bad.replace('_', ' ')}", p.step, self.ckpt_path)
         # The best validation loss means something for one player; a GAN's players' losses
         # rise and fall against each other, so a GAN keeps no best.pt.
         improved = not multi and rec["val_loss"] < p.best_val
