@@ -291,7 +291,7 @@ class Trainer:
                     break
                 self.log_line(lr)
                 # Stop decisions are taken together, here; --max-time re-aims the cosine.
-                signum, over_time = agree_to_stop(tcfg, p, self.rate_from, time.time() - p.t0, self.ddp, self.device)
+                signum, over_time = agree_to_stop(tcfg, p, self.rate_from, self.elapsed(), self.ddp, self.device)
             elif not self.ddp:  # one process: nobody to agree with, so look every step
                 signum, over_time = Stop.signum, bool(tcfg.max_time and self.elapsed() > tcfg.max_time)
             else:
