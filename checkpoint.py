@@ -180,8 +180,8 @@ def gpt2_model(module, tcfg, mcfg, given):
     except Exception as e:  # a user's file can fail in many ways; all of them are one line
         raise UsageError(f"--init-from {tcfg.init_from}: not loadable GPT-2 weights "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
-    for k in ("n_layer", "n_head", "n_embd", "vocab_size", "bias"):
-        if k in given and getattr(mcfg, k) != getattr(model.cfg, k):
+    for k in sorted(given):  # the weights fix every model setting but the context and dropout
+        if k not in ("block_size", "dropout") and hasattr(model.cfg, k) and getattr(mcfg, k) != getattr(model.cfg, k):
             raise UsageError(f"--{k.replace('_', '-')} {getattr(mcfg, k)}: the GPT-2 weights have "
                              f"{getattr(model.cfg, k)}; drop the flag")
     if "block_size" in given and mcfg.block_size < model.cfg.block_size:

@@ -2,6 +2,9 @@
 
 Reading order: Config and PRESETS, the blocks, the Model (forward = next-token
 cross-entropy), generation with a KV cache, and loading Hugging Face GPT-2 weights.
+The defaults are GPT-2's block exactly; a modern block (rotary positions, RMSNorm,
+QK-norm, ReLU^2, no biases, an untied head, grouped-query attention) is a field per
+piece away, and all of it at once is the `tiny-modern` preset.
 The module and parameter names follow GPT-2's own (wte, wpe, h.N.attn.c_attn, ...)
 so that a GPT-2 checkpoint maps onto this model name for name.
 """
@@ -30,6 +33,28 @@ class Config:
                               # the dense MLP
     balance_coef: float = 0.01  # weight of Switch's load-balancing loss, summed over the blocks
 
+    # The modern block, one field per piece; the defaults are GPT-2's (bias above is one piece too).
+    rope: bool = False        # rotary position embeddings (RoPE, Su et al. 2021) on queries and keys,
+                              # instead of learned positions (no wpe)
+    norm: str = "layernorm"   # the blocks' and the head's norm: layernorm (GPT-2's) or rmsnorm (Zhang &
+                              # Sennrich 2019)
+    norm_gain: bool = True    # learned per-feature gains in those norms (off: none, as in modded-nanogpt)
+    qk_norm: bool = False     # RMSNorm, without gains, of each head's queries and keys before attention (as in
+                              # nanochat and modded-nanogpt)
+    activation: str = "gelu"  # the MLP's: gelu (GPT-2's tanh approximation) or relu2, ReLU squared (So et
+                              # al. 2021, Primer)
+    tie_embeddings: bool = True  # the head shares the token embedding's matrix, as in GPT-2 (off: its own)
+    n_kv_head: int = 0        # key/value heads, each shared by n_head / n_kv_head query heads (grouped-query
+                              # attention, Ainslie et al. 2023); 0 or n_head: multi-head
+
+
+# Why a field per piece rather than one `arch` switch: each piece is then a flag that can be
+# tested, ablated and combined alone (the KV-cache test runs every one alone and all at
+# once), and a checkpoint's config says exactly which are on. The "one flag" is a preset,
+# as for every other recipe: --preset tiny-modern.
+ROPE_BASE = 10000.0  # RoPE's base, as in Su et al. and nanochat
+NORM_EPS = 1e-5      # every norm's epsilon, GPT-2's LayerNorm's
+
 
 # A preset may set Config fields and train.py's TrainConfig fields (names never clash).
 PRESETS = {
@@ -46,24 +71,88 @@ PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257,
                  dropout=0.0, batch_size=12, grad_accum=40, lr=6e-4, min_lr=6e-5,
                  warmup_iters=2000, max_iters=600000, weight_decay=0.1),
+    # tiny's width, depth, context, batch and schedule with every modern piece on. Untuned:
+    # the learning rate and the rest are tiny's, never searched for this block.
+    "tiny-modern": dict(n_layer=4, n_head=4, n_embd=96, block_size=64, dropout=0.0,
+                        batch_size=64, lr=8e-3, min_lr=8e-5, warmup_iters=100, max_iters=1500,
+                        eval_interval=500, eval_iters=20, weight_decay=0.1,
+                        rope=True, norm="rmsnorm", norm_gain=False, qk_norm=True, activation="relu2",
+                        bias=False, tie_embeddings=False, n_kv_head=2),
 }
 
 DATA = "pystdlib"
 
 
+def rope_tables(length, head_dim, base=ROPE_BASE):
+    """cos and sin [length, head_dim / 2] of the angles pos * base^(-2i / head_dim), i < head_dim / 2:
+    rotary position embedding (RoPE, Su et al. 2021). Computed in float64, kept in fp32."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """RoPE (Su et al. 2021): rotate each pair (x_i, x_{i + d/2}) of a head's d features by
+    its angle pos * base^(-2i/d), pairing the two halves as nanochat and modded-nanogpt do.
+    x [B, H, T, d], cos and sin [T, d/2]. Rotations compose: a query rotated to position i
+    and a key to j score q . R(j - i) k, which depends on the positions through j - i
+    alone. Computed in at least fp32 (a bf16 x under autocast), returned in x's dtype."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def rms_norm(x, weight=None):
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) over the last dim, times
+    a gain per feature where given; no mean subtracted, no bias."""
+    return F.rms_norm(x, (x.size(-1),), weight, NORM_EPS)
+
+
+class RMSNorm(nn.Module):
+    """rms_norm as a layer, with a learned gain per feature (starting at 1) or none."""
+
+    def __init__(self, dim, gain=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim)) if gain else None
+
+    def forward(self, x):
+        return rms_norm(x, self.weight)
+
+
+def make_norm(cfg):
+    """GPT-2's LayerNorm (gain and, with bias, a bias), or RMSNorm; norm_gain off: no gain."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, gain=cfg.norm_gain)
+    return nn.LayerNorm(cfg.n_embd, eps=NORM_EPS, elementwise_affine=cfg.norm_gain, bias=cfg.bias)
+
+
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; with n_kv_head < n_head grouped-query attention
+    (GQA, Ainslie et al. 2023): n_kv_head heads of keys and values, each shared by
+    n_head / n_kv_head consecutive query heads (and the KV cache holds n_kv_head heads)."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        kv = self.n_kv_head * self.head_dim  # n_embd in GPT-2's multi-head attention
+        self.c_attn = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, rope=None):
+        """x [B, T, C]; rope, (cos, sin) of these T positions, rotates queries and keys."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split((C, kv, kv), dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        if self.qk_norm:  # QK-norm, no gains (nanochat, modded-nanogpt)
+            q, k = rms_norm(q), rms_norm(k)
+        if rope is not None:  # keys are rotated at their absolute positions before they are cached
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             # The cache holds keys and values of every earlier position; new ones are
             # written in place so a step costs O(T), not O(T^2).
@@ -73,7 +162,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
         # A prefill (T == keys) needs the causal mask; one new token may see every key.
         causal = k.size(2) == T and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.c_proj(y))
@@ -86,11 +175,15 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.relu2 = cfg.activation == "relu2"
 
     def forward(self, x):
-        # GPT-2 was trained with the tanh approximation of GELU; keep it so its weights
-        # give the logits they gave there.
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        if self.relu2:  # ReLU squared (So et al. 2021, Primer)
+            h = F.relu(h).square()
+        else:  # GPT-2 was trained with the tanh approximation of GELU; keep it so its weights
+            h = F.gelu(h, approximate="tanh")  # give the logits they gave there
+        return self.drop(self.c_proj(h))
 
 
 class MoE(nn.Module):
@@ -138,15 +231,45 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_expert else MLP(cfg)
 
-    def forward(self, x, cache=None, stats=None):
-        x = x + self.attn(self.ln_1(x), cache)  # pre-LayerNorm: the residual stream is never normalised
+    def forward(self, x, cache=None, stats=None, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, rope)  # pre-LayerNorm: the residual stream is never normalised
         h = self.ln_2(x)
         return x + (self.mlp(h, stats) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+def check_config(cfg):
+    """Refuse, in one line (ValueError), a Config no model can be built from."""
+    if cfg.vocab_size <= 0:
+        raise ValueError("vocab_size must be positive (train.py takes it from the tokenizer)")
+    for name, high in (("block_size", 2 ** 20), ("vocab_size", 2 ** 21), ("n_layer", 1024), ("n_head", 2 ** 16),
+                       ("n_embd", 2 ** 16), ("expert_top_k", 1024)):
+        if not 1 <= getattr(cfg, name) <= high:
+            raise ValueError(f"{name} must be in 1..{high} (got {getattr(cfg, name)})")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0 <= cfg.n_expert <= 1024 or (cfg.n_expert and cfg.expert_top_k > cfg.n_expert):
+        raise ValueError(f"n_expert must be in 0..1024 (0: dense), and expert_top_k in 1..n_expert "
+                         f"(got {cfg.n_expert}, {cfg.expert_top_k})")
+    if cfg.n_expert and (4 * cfg.n_embd) % cfg.expert_top_k:
+        raise ValueError(f"expert_top_k {cfg.expert_top_k} must divide 4 * n_embd ({4 * cfg.n_embd})")
+    if not 0 <= cfg.balance_coef < math.inf:
+        raise ValueError(f"balance_coef must be a finite number >= 0 (got {cfg.balance_coef})")
+    if cfg.norm not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"norm must be layernorm or rmsnorm (got {cfg.norm!r})")
+    if cfg.activation not in ("gelu", "relu2"):
+        raise ValueError(f"activation must be gelu or relu2 (got {cfg.activation!r})")
+    if not 0 <= cfg.n_kv_head <= cfg.n_head or cfg.n_kv_head and cfg.n_head % cfg.n_kv_head:
+        raise ValueError(f"n_kv_head must be 0 (multi-head) or divide n_head ({cfg.n_head}) (got {cfg.n_kv_head})")
+    if cfg.rope and (cfg.n_embd // cfg.n_head) % 2:
+        raise ValueError(f"rope rotates pairs of features: the head size n_embd / n_head "
+                         f"({cfg.n_embd // cfg.n_head}) must be even")
 
 
 class Model(nn.Module):
@@ -154,31 +277,20 @@ class Model(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        if cfg.vocab_size <= 0:
-            raise ValueError("vocab_size must be positive (train.py takes it from the tokenizer)")
-        for name, high in (("block_size", 2 ** 20), ("vocab_size", 2 ** 21), ("n_layer", 1024), ("n_head", 2 ** 16),
-                           ("n_embd", 2 ** 16), ("expert_top_k", 1024)):
-            if not 1 <= getattr(cfg, name) <= high:
-                raise ValueError(f"{name} must be in 1..{high} (got {getattr(cfg, name)})")
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
-        if not 0.0 <= cfg.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
-        if not 0 <= cfg.n_expert <= 1024 or (cfg.n_expert and cfg.expert_top_k > cfg.n_expert):
-            raise ValueError(f"n_expert must be in 0..1024 (0: dense), and expert_top_k in 1..n_expert "
-                             f"(got {cfg.n_expert}, {cfg.expert_top_k})")
-        if cfg.n_expert and (4 * cfg.n_embd) % cfg.expert_top_k:
-            raise ValueError(f"expert_top_k {cfg.expert_top_k} must divide 4 * n_embd ({4 * cfg.n_embd})")
-        if not 0 <= cfg.balance_coef < math.inf:
-            raise ValueError(f"balance_coef must be a finite number >= 0 (got {cfg.balance_coef})")
+        check_config(cfg)
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = None if cfg.rope else nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.rope:  # the rotations of every position, shared by the blocks; not saved (a function of cfg)
+            cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=1e-5, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying, as in GPT-2: one matrix reads and writes tokens
+        if cfg.tie_embeddings:  # weight tying, as in GPT-2: one matrix reads and writes tokens
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         # GPT-2's scaled init: each block adds two residual branches, so their output
         # projections start 1/sqrt(2 * n_layer) smaller to keep the stream's variance flat.
@@ -196,11 +308,17 @@ class Model(nn.Module):
     def parameters_of(self, player="model"):
         return self.parameters()
 
+    def io_layers(self):
+        """The layers that read tokens in and write logits out, which Muon leaves to AdamW:
+        the embeddings (AdamW's anyway) and the head, which matters once it is untied."""
+        return [m for m in (self.wte, self.wpe, self.lm_head) if m is not None]
+
     def crop_block_size(self, block_size):
         """Keep the first block_size positions, e.g. to fine-tune GPT-2 on shorter context."""
         assert 0 < block_size <= self.cfg.block_size
         self.cfg.block_size = block_size
-        self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
+        if self.wpe is not None:  # (RoPE's tables may stay longer than the context)
+            self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
 
     def logits(self, idx, caches=None, stats=None):
         """idx [B, T] token ids -> logits [B, T, vocab]. With caches, positions continue after
@@ -211,10 +329,13 @@ class Model(nn.Module):
             raise ValueError("with a filled cache, feed one token at a time")
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.block_size})")
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
+        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.cfg.rope else None
         for i, block in enumerate(self.h):
-            x = block(x, caches[i] if caches else None, stats)
+            x = block(x, caches[i] if caches else None, stats, rope)
         if caches:
             for c in caches:
                 c["pos"] += T
@@ -248,7 +369,9 @@ class Model(nn.Module):
     # ---- sampling ---------------------------------------------------------------
 
     def new_cache(self, batch_size, device, dtype):
-        shape = (batch_size, self.cfg.n_head, self.cfg.block_size, self.cfg.n_embd // self.cfg.n_head)
+        # keys and values of n_kv_head heads (GQA's saving), rotated already where RoPE is on
+        shape = (batch_size, self.cfg.n_kv_head or self.cfg.n_head, self.cfg.block_size,
+                 self.cfg.n_embd // self.cfg.n_head)
         return [dict(k=torch.empty(shape, device=device, dtype=dtype),
                      v=torch.empty(shape, device=device, dtype=dtype), pos=0) for _ in self.h]
 
@@ -290,13 +413,23 @@ class Model(nn.Module):
     # ---- GPT-2 weights ----------------------------------------------------------
 
     @classmethod
-    def from_gpt2(cls, state_dict_or_path, n_head=None, dropout=0.0):
+    def from_gpt2(cls, state_dict_or_path, n_head=None, dropout=0.0, **block):
         """A Model holding Hugging Face GPT-2 weights, without importing transformers.
 
         Takes a state dict, a `model.safetensors` or `pytorch_model.bin` file, or a folder
         with one of them (and config.json, which gives n_head). Without a config, n_head
-        is n_embd // 64, true of every released GPT-2 size.
+        is n_embd // 64, true of every released GPT-2 size. block, modern fields of Config
+        (rope=True, ...), is refused in one line unless each is GPT-2's own value: the
+        weights are GPT-2's block and mean nothing in another.
         """
+        classic, modern = Config(), ("rope", "norm", "norm_gain", "qk_norm", "activation", "tie_embeddings",
+                                     "n_kv_head", "bias")
+        for k, v in block.items():
+            if k not in modern:
+                raise TypeError(f"from_gpt2() got an unexpected keyword argument {k!r}")
+            if v != getattr(classic, k):
+                raise ValueError(f"GPT-2 weights are GPT-2's block: they cannot load into {k}={v!r} "
+                                 f"(GPT-2's is {getattr(classic, k)!r})")
         sd, hf_cfg = state_dict_or_path, {}
         if isinstance(sd, (str, os.PathLike)):
             sd, hf_cfg = _read_gpt2_files(os.fspath(sd))
