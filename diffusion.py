@@ -3,7 +3,8 @@ Denoising diffusion: DDPM (Ho et al. 2020) trained and sampled ancestrally, DDIM
 et al. 2021) over any number of respaced steps, classifier-free guidance (Ho & Salimans
 2022), the full variational bound in nats for bits/dim, and flow matching (rectified
 flow: Liu et al. 2022, Lipman et al. 2022, with Stable Diffusion 3's conventions) with
-Euler sampling and the exact likelihood of its ODE. One file, torch only.
+Euler sampling and the exact likelihood of its ODE. The denoiser is DDPM's U-Net or,
+with --arch dit, a diffusion Transformer (DiT: Peebles & Xie 2023). One file, torch only.
 
 Indexing: the paper's timesteps t = 1..T are indices 0..T-1 here, so betas[0] is beta_1,
 alphas_cumprod[t] is alpha-bar of x at index t, and x at index 0 is one small step of
@@ -51,6 +52,16 @@ class Config:
                                     # guidance)
     sample_steps: int = 50          # default sampling: DDIM over this many steps (0: ancestral over all T)
 
+    # The denoiser. The DiT defaults suit 28x28 digits at the tiny preset's scale (49 tokens of
+    # 4x4 patches, 1.87M parameters); untuned.
+    arch: str = "unet"              # denoiser: unet (DDPM's U-Net: base, mults, num_res_blocks, attn_res,
+                                    # dropout) or dit (a diffusion Transformer, Peebles & Xie 2023: the
+                                    # fields below)
+    patch: int = 4                  # dit: patch side in pixels (image_size must be divisible by it)
+    dit_depth: int = 6              # dit: Transformer blocks
+    dit_width: int = 128            # dit: hidden size (a multiple of 4 and of dit_heads)
+    dit_heads: int = 4              # dit: attention heads
+
 
 # The defaults are a small model that trains on digits on a laptop CPU; presets scale it.
 PRESETS = {
@@ -65,6 +76,13 @@ PRESETS = {
                          timesteps=1000, schedule="linear", objective="eps", variance="large",
                          num_classes=0, batch_size=128, lr=2e-4, min_lr=2e-4, warmup_iters=5000,
                          max_iters=800000, weight_decay=0.0, grad_clip=1.0, ema=0.9999),
+    # DiT-S/2 (Peebles & Xie 2023, table 1: depth 12, hidden size 384, 6 heads, patch 2; 33M
+    # parameters on ImageNet's 32x32x4 latents) on CIFAR-10's 32x32 pixels: 256 tokens, class-
+    # conditional; the paper's recipe (AdamW at 1e-4, no weight decay, batch 256, EMA 0.9999,
+    # T = 1000 linear) and a GPU. 32.5M parameters here (3 channels out, 10 classes).
+    "dit-s2": dict(arch="dit", patch=2, dit_depth=12, dit_width=384, dit_heads=6, timesteps=1000,
+                   schedule="linear", objective="eps", data="cifar10", batch_size=256, lr=1e-4, min_lr=1e-4,
+                   warmup_iters=0, max_iters=400000, weight_decay=0.0, grad_clip=0.0, ema=0.9999),
 }
 
 # ---- the U-Net --------------------------------------------------------------------------
@@ -171,6 +189,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
+    def io_layers(self):
+        return [self.inp, self.out[-1]]
+
     def forward(self, x, t, y=None):
         emb = self.time(timestep_embedding(t, self.base))
         if self.label is not None:
@@ -188,6 +209,130 @@ class UNet(nn.Module):
             for layer in layers:
                 h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return self.out(h)
+
+# ---- the diffusion Transformer (DiT) ----------------------------------------------------
+
+
+def patchify(x, p):
+    """Images [B, C, H, W] -> patches [B, (H/p)(W/p), C p p], the patches in row-major order,
+    each flattened channel-major (F.unfold's layout), as DiT's patch embedding reads them
+    (Peebles & Xie 2023; ViT, Dosovitskiy et al. 2021)."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, p, C, H, W):
+    """The inverse of patchify: [B, (H/p)(W/p), C p p] -> [B, C, H, W] (DiT's last step)."""
+    B = x.shape[0]
+    x = x.reshape(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, C, H, W)
+
+
+def sincos_2d(dim, h, w):
+    """Fixed 2D sin-cos position embedding [h w, dim] (MAE, He et al. 2022, which DiT uses):
+    the first half of the channels encode the row, the second half the column, each as the
+    Transformer's 1D embedding of its index. dim must be a multiple of 4."""
+    quarter = dim // 4
+    omega = 1 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+
+    def one(pos):
+        a = pos.flatten()[:, None] * omega[None]
+        return torch.cat([a.sin(), a.cos()], 1)
+    return torch.cat([one(rows), one(cols)], 1).float()
+
+
+def modulate(x, shift, scale):
+    """adaLN's affine map of LayerNorm's output, per image: x (1 + scale) + shift (DiT)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def ada(dim, n):
+    """adaLN-Zero's regression of n shifts, scales and gates from the conditioning (DiT,
+    Peebles & Xie 2023, section 3.2): SiLU then a linear layer, zero-initialised, so each
+    gate starts at 0 and each block at the identity."""
+    layer = nn.Linear(dim, n * dim)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return nn.Sequential(nn.SiLU(), layer)
+
+
+class DiTBlock(nn.Module):
+    """DiT's block with adaLN-Zero (Peebles & Xie 2023, figure 3): multi-head self-attention
+    and a 4x GELU MLP, each after a LayerNorm without parameters whose shift and scale, and
+    a gate on the branch, are regressed from the time (and class) embedding c."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.ada = ada(dim, 6)
+
+    def attention(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, 1)
+        x = x + gate1[:, None] * self.attention(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """The diffusion Transformer (Peebles & Xie 2023): the image cut into p x p patches, each
+    a token by one linear map, plus a fixed 2D sin-cos position embedding; a stack of
+    adaLN-Zero blocks conditioned on c = the time embedding (the U-Net's sinusoid, 256
+    frequencies, through an MLP) plus the label embedding (one extra row: the null class of
+    classifier-free guidance); a final adaLN LayerNorm and a linear map back to the patches'
+    pixels, zero-initialised; the patches put back. Called as the U-Net is: (x, t, y)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, p, C, S = cfg.dit_width, cfg.patch, cfg.channels, cfg.image_size
+        self.p, self.C, self.S, self.freq = p, C, S, 256
+        self.inp = nn.Linear(C * p * p, D)  # the patch embedding: a conv with kernel = stride = p
+        self.register_buffer("pos", sincos_2d(D, S // p, S // p), persistent=False)  # rebuilt from cfg
+        self.time = nn.Sequential(nn.Linear(self.freq, D), nn.SiLU(), nn.Linear(D, D))
+        self.label = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None
+        self.blocks = nn.ModuleList([DiTBlock(D, cfg.dit_heads) for _ in range(cfg.dit_depth)])
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ada = ada(D, 2)
+        self.out = nn.Linear(D, C * p * p)
+        self.init_weights()
+
+    def init_weights(self):
+        """DiT's initialisation: Xavier-uniform linear maps with zero biases, N(0, 0.02) for the
+        time MLP and the label table, and zeros for every adaLN regression and the output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in (self.time[0], self.time[2]) + ((self.label,) if self.label is not None else ()):
+            nn.init.normal_(m.weight, std=0.02)
+        for m in [b.ada[-1] for b in self.blocks] + [self.ada[-1], self.out]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def io_layers(self):
+        return [self.inp, self.out]
+
+    def forward(self, x, t, y=None):
+        c = self.time(timestep_embedding(t, self.freq))
+        if self.label is not None:
+            c = c + self.label(y)
+        h = self.inp(patchify(x, self.p)) + self.pos
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.ada(c).chunk(2, 1)
+        h = self.out(modulate(self.norm(h), shift, scale))
+        return unpatchify(h, self.p, self.C, self.S, self.S)
+
 
 # ---- the diffusion ------------------------------------------------------------------------
 
@@ -230,40 +375,55 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
                        torch.where(x > 0.999, torch.special.log_ndtr(-lower), mid))
 
 
+def check(cfg):
+    """Every setting in its range, or a ValueError whose one line says which is not and why."""
+    if cfg.arch not in ("unet", "dit"):
+        raise ValueError(f"arch {cfg.arch!r}: choose unet or dit")
+    if not cfg.mults or not all(1 <= m <= 64 for m in cfg.mults):
+        raise ValueError(f"mults must list 1 or more multipliers in 1..64 (got {cfg.mults})")
+    if not all(r >= 1 for r in cfg.attn_res):
+        raise ValueError(f"attn_res must list resolutions of 1 pixel or more, or none (got {cfg.attn_res})")
+    levels = len(cfg.mults) - 1
+    for name, low, high in (("channels", 1, 256), ("image_size", 2 ** levels if cfg.arch == "unet" else 1, 4096),
+                            ("num_classes", 0, 2 ** 20), ("base", 1, 4096), ("num_res_blocks", 0, 64),
+                            ("timesteps", 2, 100_000), ("patch", 1, 64), ("dit_depth", 1, 256),
+                            ("dit_width", 4, 8192), ("dit_heads", 1, 256)):
+        if not low <= getattr(cfg, name) <= high:
+            raise ValueError(f"{name} must be in {low}..{high} (got {getattr(cfg, name)})")
+    if cfg.arch == "unet" and cfg.image_size % (2 ** levels):
+        raise ValueError(f"image_size {cfg.image_size} is not divisible by 2^{levels}: the U-Net halves it "
+                         f"{levels} times; use fewer --mults")
+    if cfg.arch == "dit" and cfg.image_size % cfg.patch:
+        raise ValueError(f"image_size {cfg.image_size} is not divisible by the patch {cfg.patch}: the DiT cuts "
+                         f"the image into patch x patch squares")
+    if cfg.dit_width % 4 or cfg.dit_width % cfg.dit_heads:
+        raise ValueError(f"dit_width {cfg.dit_width} must be a multiple of 4 (the 2D position embedding) and of "
+                         f"dit_heads {cfg.dit_heads}")
+    if cfg.base * max(cfg.mults) > 2 ** 14:
+        raise ValueError(f"base x max(mults), the widest level's channels, must be at most {2 ** 14} "
+                         f"(got {cfg.base * max(cfg.mults)})")
+    if cfg.objective not in ("eps", "x0", "v", "flow") or cfg.variance not in ("small", "large"):
+        raise ValueError("objective must be eps, x0, v or flow and variance small or large")
+    if cfg.flow_time not in ("logit-normal", "uniform") or cfg.schedule not in ("linear", "cosine"):
+        raise ValueError(f"flow_time {cfg.flow_time!r}, schedule {cfg.schedule!r}: choose logit-normal or "
+                         f"uniform, and linear or cosine")
+    if not 0 <= cfg.p_uncond < 1 or not 0 <= cfg.dropout < 1:
+        raise ValueError(f"p_uncond and dropout must be in [0, 1) (got {cfg.p_uncond}, {cfg.dropout})")
+    if cfg.objective == "flow" and not 1 <= cfg.sample_steps <= 100_000:
+        raise ValueError(f"sample_steps {cfg.sample_steps}: flow samples with Euler over 1..100000 steps")
+    if cfg.objective != "flow" and not 0 <= cfg.sample_steps <= cfg.timesteps:
+        raise ValueError(f"sample_steps {cfg.sample_steps} must be in 0..timesteps ({cfg.timesteps})")
+
+
 class Model(nn.Module):
     players = ("model",)
 
     def __init__(self, cfg):
         super().__init__()
-        if not cfg.mults or not all(1 <= m <= 64 for m in cfg.mults):
-            raise ValueError(f"mults must list 1 or more multipliers in 1..64 (got {cfg.mults})")
-        if not all(r >= 1 for r in cfg.attn_res):
-            raise ValueError(f"attn_res must list resolutions of 1 pixel or more, or none (got {cfg.attn_res})")
-        levels = len(cfg.mults) - 1
-        for name, low, high in (("channels", 1, 256), ("image_size", 2 ** levels, 4096), ("num_classes", 0, 2 ** 20),
-                                ("base", 1, 4096), ("num_res_blocks", 0, 64), ("timesteps", 2, 100_000)):
-            if not low <= getattr(cfg, name) <= high:
-                raise ValueError(f"{name} must be in {low}..{high} (got {getattr(cfg, name)})")
-        if cfg.image_size % (2 ** levels):
-            raise ValueError(f"image_size {cfg.image_size} is not divisible by 2^{levels}: the U-Net halves it "
-                             f"{levels} times; use fewer --mults")
-        if cfg.base * max(cfg.mults) > 2 ** 14:
-            raise ValueError(f"base x max(mults), the widest level's channels, must be at most {2 ** 14} "
-                             f"(got {cfg.base * max(cfg.mults)})")
-        if cfg.objective not in ("eps", "x0", "v", "flow") or cfg.variance not in ("small", "large"):
-            raise ValueError("objective must be eps, x0, v or flow and variance small or large")
-        if cfg.flow_time not in ("logit-normal", "uniform") or cfg.schedule not in ("linear", "cosine"):
-            raise ValueError(f"flow_time {cfg.flow_time!r}, schedule {cfg.schedule!r}: choose logit-normal or "
-                             f"uniform, and linear or cosine")
-        if not 0 <= cfg.p_uncond < 1 or not 0 <= cfg.dropout < 1:
-            raise ValueError(f"p_uncond and dropout must be in [0, 1) (got {cfg.p_uncond}, {cfg.dropout})")
+        check(cfg)
         self.flow = cfg.objective == "flow"
-        if self.flow and not 1 <= cfg.sample_steps <= 100_000:
-            raise ValueError(f"sample_steps {cfg.sample_steps}: flow samples with Euler over 1..100000 steps")
-        if not self.flow and not 0 <= cfg.sample_steps <= cfg.timesteps:
-            raise ValueError(f"sample_steps {cfg.sample_steps} must be in 0..timesteps ({cfg.timesteps})")
         self.cfg = cfg
-        self.net = UNet(cfg)
+        self.net = UNet(cfg) if cfg.arch == "unet" else DiT(cfg)
         # The schedule in float64; each coefficient is gathered, then cast to float32, per use.
         betas = make_betas(cfg.schedule, cfg.timesteps)
         ac = torch.cumprod(1 - betas, 0)
@@ -286,7 +446,7 @@ class Model(nn.Module):
     def io_layers(self):
         """The layers that read the image and write the prediction (train.py: AdamW's under
         --optimizer muon; Muon is for the maps between hidden features)."""
-        return [self.net.inp, self.net.out[-1]]
+        return self.net.io_layers()
 
     def _at(self, name, t, x):
         """Schedule coefficient `name` at timesteps t [B], float32, shaped to broadcast over x."""
