@@ -7,6 +7,7 @@ Benchmarks: measured on this machine, in this process, each beside its baseline.
     python bench.py optim                             # optim.AdamW vs torch.optim.AdamW(foreach=True)
     python bench.py frechet [--dim 2048]              # our Frechet distance vs scipy's sqrtm route
     python bench.py copy-index [--data pystdlib]      # metrics.py's copy index of the train text vs np.unique
+    python bench.py compare --side a="FLAGS" --side b="FLAGS" [--seeds 3] [--max-time 300] [-- FLAGS]
 
 train: train.py itself, run in this process on the preset's batch and real data: --steps
 steps warming up (compile, allocator, kernel choice), then --intervals log intervals of
@@ -34,14 +35,28 @@ scipy side runs only where scipy is installed (it is not a dependency).
 copy-index: metrics.build_copy_index (hash every --copy-span-byte window of the train
 text, np.sort, drop repeats) against the same hashes through np.unique, its distinct
 windows equal; then the lookup rate of a sample's windows in the index (bytes/s).
+compare: two or more sides (--side NAME=FLAGS: train.py flags, the flags after -- common
+to all), each trained --seeds times with --seed 1..N and the same --max-time, the sides
+taking turns (seed 1 of every side, then seed 2, ...), each run train.py in a fresh
+process (the same start-up costs for every run, and no thread count, allocator cache or
+compiled code carried from one side to the next). Per side, each metric's mean ± standard
+error (sample standard deviation / sqrt(n)): every number of the final evaluation
+(val_loss, val_bpb, ...), the step reached, the throughput (the mean of the log lines'
+rates after the first), and with --metrics N metrics.py's (FID, IS, ...); per pair of
+sides, Welch's t = (mean_a - mean_b) / sqrt(se_a^2 + se_b^2) and its Welch-Satterthwaite
+degrees of freedom. --json holds every run's values too.
 """
 import argparse
 import contextlib
 import gc
 import io
 import json
+import math
 import os
 import platform
+import re
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +69,7 @@ import data
 import metrics
 import optim
 import train
-from cli import Parser, UsageError, cli
+from cli import Fault, Parser, UsageError, cli
 from devices import autocast, compile_unavailable, pick_device, pick_dtype
 
 DEFAULT_MODELS = "gpt:small,diffusion:tiny,gan:tiny,vae:tiny"
@@ -419,6 +434,222 @@ def bench_copy_index(name, data_dir, span):
             "val_windows_found": float(hits.mean()) if len(hits) else 0.0}
 
 
+# ---- compare: train.py flag sets over seeds -------------------------------------------------
+
+PICKED = {"seed": "--seed", "max_time": "--max-time", "out_dir": "--out-dir", "overwrite": "--overwrite",
+          "resume": "--resume"}  # what compare sets for every run itself
+
+
+def mean_se(values):
+    """(mean, standard error = sample standard deviation / sqrt(n), n); se None below 2."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, None, n
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n), n
+
+
+def welch(a, b):
+    """(Welch's t, Welch-Satterthwaite degrees of freedom) of samples a and b:
+    t = (mean_a - mean_b) / sqrt(se_a^2 + se_b^2), df = (se_a^2 + se_b^2)^2 /
+    (se_a^4 / (n_a - 1) + se_b^4 / (n_b - 1)); (None, None) where neither varies."""
+    (ma, sa, na), (mb, sb, nb) = mean_se(a), mean_se(b)
+    if sa is None or sb is None or sa == sb == 0:
+        return None, None
+    va, vb = sa * sa, sb * sb
+    return (ma - mb) / math.sqrt(va + vb), (va + vb) ** 2 / (va * va / (na - 1) + vb * vb / (nb - 1))
+
+
+def parse_sides(p, specs):
+    """[(name, train.py flags)] from --side NAME=FLAGS options, or the Parser's error."""
+    sides = []
+    for spec in specs:
+        name, eq, flags = spec.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+            p.error(f"--side {spec!r}: write NAME=FLAGS, NAME of letters, digits and _.+- "
+                    f"(e.g. --side bf16='--dtype bf16')")
+        try:
+            sides.append((name, shlex.split(flags)))
+        except ValueError as e:
+            p.error(f"--side {name}: cannot split its flags ({e})")
+    names = [n for n, _ in sides]
+    if len(sides) < 2 or len(set(names)) < len(names):
+        p.error(f"compare needs two or more --side NAME=FLAGS, each NAME once (got {', '.join(names) or 'none'})")
+    return sides
+
+
+def compare_argv(args, flags, extra, seed, out):
+    """train.py's flags for one run of a side: bench's --device, the flags after --, the
+    side's own, then what compare sets (the seed, the budget, the run's folder)."""
+    return ["--device", args.device, *extra, *flags, "--seed", str(seed), "--max-time", f"{args.max_time:g}",
+            "--out-dir", out, "--overwrite"]
+
+
+def check_side(name, argv):
+    """train.parse_args and train.check on one side's flags; any error is one line that
+    names the side."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            train.check(train.parse_args(argv)[1])
+    except UsageError as e:
+        raise UsageError(f"side {name}: {e}") from None
+    except SystemExit:  # train.py's Parser: "train.py: error: ... (see --help)", or --help
+        said = err.getvalue().strip().splitlines() or ["--help is not a flag to compare"]
+        raise UsageError(f"side {name}: {said[-1].replace('train.py: error: ', 'train.py: ')}") from None
+
+
+def check_sides(args, sides, extra):
+    """Every side's flags as train.py would take them, and none of the flags compare sets."""
+    for name, flags in sides:
+        check_side(name, compare_argv(args, flags, extra, 1, "dry-run"))
+        given = train.parse_args(["--device", args.device, *extra, *flags])[3]
+        picked = [PICKED[k] for k in PICKED if k in given]
+        if picked:
+            raise UsageError(f"side {name}: compare sets {', '.join(picked)} for every run itself; drop it")
+
+
+def read_run(out):
+    """A finished run's metrics from its log.jsonl: every number of the last evaluation
+    (val_loss, val_bpb, train_loss, ...), the step it reached, and its throughput (the mean
+    of its log lines' rates, the first left out where there are more: it holds the first
+    step's start-up)."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    evals = [r for r in log if any(k.startswith("val_") for k in r)]
+    if not evals:
+        raise Fault(f"{out}: train.py logged no evaluation")
+    final = evals[-1]
+    values = {k: float(v) for k, v in final.items()
+              if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values["steps"] = float(final["step"])
+    lines = [r for r in log if any(k.endswith("_per_s") for k in r)]
+    if lines:
+        key = next(k for k in lines[-1] if k.endswith("_per_s"))
+        rates = [r[key] for r in (lines[1:] if len(lines) > 1 else lines) if key in r]
+        values[key] = math.fsum(rates) / len(rates)
+    return values
+
+
+def run_script(script, argv, what):
+    """Run one of the project's scripts in a fresh interpreter; its output, or one line
+    saying why it failed."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    done = subprocess.run([sys.executable, path, *argv], capture_output=True, text=True, check=False)
+    if done.returncode == 130 or done.returncode == -2:
+        raise KeyboardInterrupt
+    if done.returncode:
+        said = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}").splitlines()[-1]
+        error = UsageError if done.returncode == 2 else Fault
+        raise error(f"{what}: {script} failed (exit status {done.returncode}): {said.removeprefix('error: ')}")
+    return done.stdout
+
+
+def run_metrics(args, out, what):
+    """metrics.py's numbers (FID, IS, ... for images) on a run's checkpoint."""
+    path = os.path.join(out, "metrics.json")
+    run_script("metrics.py", ["--ckpt", os.path.join(out, "ckpt.pt"), "--n", str(args.metrics), "--device",
+                              args.device, "--json", path], what + ", metrics.py")
+    with open(path) as f:
+        found = json.load(f)
+    return {k: float(v) for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def compare_runs(args, sides, extra, workdir):
+    """Every side over seeds 1..--seeds, the sides taking turns within each seed (a slow
+    spell of the machine then hits them alike); each run train.py in a fresh process."""
+    runs, total = [], len(sides) * args.seeds
+    for seed in range(1, args.seeds + 1):
+        for name, flags in sides:
+            out = os.path.join(workdir, f"{name}-{seed}")
+            what = f"side {name}, seed {seed}"
+            print(f"compare: {what} ({len(runs) + 1}/{total})", file=sys.stderr)
+            started = time.time()
+            console = run_script("train.py", compare_argv(args, flags, extra, seed, out), what)
+            wall = time.time() - started
+            with open(os.path.join(out, "console.txt"), "w") as f:
+                f.write(console)
+            values = read_run(out)
+            if args.metrics:
+                values.update({k: v for k, v in run_metrics(args, out, what).items() if k not in values})
+            runs.append(dict(side=name, seed=seed, out_dir=out, started=started, wall_s=wall, metrics=values))
+    return runs
+
+
+def summarize(sides, runs):
+    """({side: {figure: {mean, se, n}}}, [each pair of sides, each figure: diff, t, df])."""
+    names = [n for n, _ in sides]
+    keys = list(dict.fromkeys(k for r in runs for k in r["metrics"]))
+    values = {n: {k: [r["metrics"][k] for r in runs if r["side"] == n and k in r["metrics"]] for k in keys}
+              for n in names}
+    summary = {n: {k: dict(zip(("mean", "se", "n"), mean_se(v))) for k, v in values[n].items() if v}
+               for n in names}
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for k in keys:
+                if values[a][k] and values[b][k]:
+                    t, df = welch(values[a][k], values[b][k])
+                    pairs.append(dict(a=a, b=b, metric=k, diff=summary[a][k]["mean"] - summary[b][k]["mean"],
+                                      t=t, df=df))
+    return summary, pairs
+
+
+def print_compare(sides, summary, pairs, seeds):
+    names = [n for n, _ in sides]
+    keys = list(dict.fromkeys(k for n in names for k in summary[n]))
+    cell = lambda s: "-" if s is None else f"{s['mean']:.5g} ± {fmt(s['se'], '.2g')}"  # noqa: E731
+    head = (f"mean ± se, {seeds} seeds", *names)
+    body = [(k, *(cell(summary[n].get(k)) for n in names)) for k in keys]
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+    for line in (head, *body):
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+    for a, b in dict.fromkeys((r["a"], r["b"]) for r in pairs):
+        print(f"{a} - {b}: Welch's t (df)")
+        for r in (r for r in pairs if (r["a"], r["b"]) == (a, b)):
+            t = "- (no spread)" if r["t"] is None else f"{r['t']:+.2f} ({r['df']:.1f})"
+            print(f"  {r['metric']:<24} {r['diff']:+.4g}  t {t}")
+
+
+def compare_main(p, args, extra):
+    """bench.py compare's own checks of its options (the Parser's one-line errors), then compare."""
+    if args.seeds < 2:
+        p.error(f"--seeds {args.seeds}: at least 2 (a standard error needs two runs a side)")
+    if not (args.max_time >= 0 and math.isfinite(args.max_time)) or args.metrics < 0:
+        p.error("--max-time must be a finite number of seconds >= 0 (0: none), --metrics N >= 0")
+    return compare(args, parse_sides(p, args.side), extra)
+
+
+def compare(args, sides, extra):
+    """bench.py compare: the runs, their table, and --json; every side's flags checked
+    before anything runs."""
+    check_sides(args, sides, extra)
+    if args.dry_run:
+        print(f"bench: dry run of compare: {len(sides)} sides' flags check out; nothing run")
+        return 0
+    with contextlib.ExitStack() as stack:
+        workdir = args.runs_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        try:
+            runs = compare_runs(args, sides, extra, workdir)
+        except KeyboardInterrupt:
+            print("bench: interrupted", file=sys.stderr)
+            return 130
+    summary, pairs = summarize(sides, runs)
+    print(f"# {args.seeds} seeds x {len(sides)} sides, --max-time {args.max_time:g} s each, taking turns")
+    print_compare(sides, summary, pairs, args.seeds)
+    if args.json:
+        body = dict(sides=[dict(name=n, flags=f) for n, f in sides], common_flags=extra, seeds=args.seeds,
+                    max_time=args.max_time, order=[[r["side"], r["seed"]] for r in runs], runs=runs,
+                    summary=summary, pairs=pairs, torch=torch.__version__)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(body, f, indent=1)
+        except OSError as e:
+            raise UsageError(f"--json {args.json}: cannot write it ({e.strerror})")
+    return 0
+
+
 # ---- the table ---------------------------------------------------------------------------
 
 def fmt(v, spec=".3g"):
@@ -505,7 +736,7 @@ def parser():
     p = Parser(prog="bench.py", description=__doc__.strip().split("\n\n")[0],
                epilog=__doc__.strip().split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all",
-                   choices=["all", "train", "sample", "optim", "frechet", "copy-index"],
+                   choices=["all", "train", "sample", "optim", "frechet", "copy-index", "compare"],
                    help="what to measure (default: all but frechet and copy-index)")
     p.add_argument("--models", default=DEFAULT_MODELS,
                    help="train: model:preset pairs, comma-separated (default: %(default)s)")
@@ -527,6 +758,20 @@ def parser():
     p.add_argument("--data", default="pystdlib", help="copy-index: a text dataset (default: %(default)s)")
     p.add_argument("--data-dir", default="data", help="copy-index: its token cache (default: %(default)s)")
     p.add_argument("--copy-span", type=int, default=50, help="copy-index: window bytes (default: %(default)s)")
+    p.add_argument("--side", action="append", default=[], metavar="NAME=FLAGS",
+                   help="compare: one side, its name and its train.py flags (one quoted word), e.g. "
+                        "--side bf16='--dtype bf16'; two or more")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="compare: runs per side, seeds 1..N (default: %(default)s; at least 2)")
+    p.add_argument("--max-time", type=float, default=300.0,
+                   help="compare: every run's wall-clock budget, train.py's --max-time (default: %(default)s s; "
+                        "0: none, the sides' --max-iters end the runs)")
+    p.add_argument("--metrics", type=int, default=0, metavar="N",
+                   help="compare: also metrics.py --n N on each run's checkpoint (FID, IS, ... for images; "
+                        "default: off)")
+    p.add_argument("--runs-dir", default="",
+                   help="compare: keep each run's --out-dir here, as NAME-SEED (default: a temporary folder, "
+                        "removed after)")
     p.add_argument("--json", default="", help="also write every figure here")
     p.add_argument("--dry-run", action="store_true",
                    help="check the flags (train: each row's train.py flags, as train.py parses them) and measure "
@@ -543,6 +788,10 @@ def main(argv=None):
     args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
     if args.dim < 2 or min(args.repeats, args.steps, args.intervals, args.rounds, args.copy_span) < 1:
         p.error("--dim must be at least 2, --repeats, --steps, --intervals, --rounds and --copy-span at least 1")
+    if args.what == "compare":
+        return compare_main(p, args, extra)
+    if args.side:
+        p.error("--side is for bench.py compare")
     sides = [("auto", False)]
     if args.compare:
         names = args.compare.split(",")
