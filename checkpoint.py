@@ -221,6 +221,15 @@ def weights_from_run(model, source, mcfg, path):
         k = next(k for k in fresh if k in state)
         raise UsageError(f"--init-from {path}: its {k} is {tuple(state[k].shape)}, this model's "
                          f"{tuple(mine[k].shape)}; drop the flags that change the model's shape")
+    tied = {}  # a tensor this model holds under several names (tied embeddings) must come in whole
+    for k, v in mine.items():
+        if v.numel():
+            tied.setdefault(v.data_ptr(), []).append(k)
+    for names in tied.values():
+        given = [k for k in names if k in state]
+        if any(not torch.equal(state[given[0]], state[k]) for k in given[1:]):
+            raise UsageError(f"--init-from {path}: its {given[0]} and {given[1]} differ, and this model ties them "
+                             f"into one tensor; drop the flag that ties them (e.g. --tie-embeddings)")
     model.load_state_dict({**mine, **{k: v for k, v in state.items() if k in mine and k not in fresh}})
     return fresh
 

@@ -78,8 +78,9 @@ PRESETS = {
                          max_iters=800000, weight_decay=0.0, grad_clip=1.0, ema=0.9999),
     # DiT-S/2 (Peebles & Xie 2023, table 1: depth 12, hidden size 384, 6 heads, patch 2; 33M
     # parameters on ImageNet's 32x32x4 latents) on CIFAR-10's 32x32 pixels: 256 tokens, class-
-    # conditional; the paper's recipe (AdamW at 1e-4, no weight decay, batch 256, EMA 0.9999,
-    # T = 1000 linear) and a GPU. 32.5M parameters here (3 channels out, 10 classes).
+    # conditional; the paper's optimizer recipe (AdamW at 1e-4, no weight decay, batch 256, EMA
+    # 0.9999, T = 1000 linear) and a GPU, but a fixed variance where the paper also learns it
+    # (its 2C outputs). 32.5M parameters here (3 channels out, 10 classes).
     "dit-s2": dict(arch="dit", patch=2, dit_depth=12, dit_width=384, dit_heads=6, timesteps=1000,
                    schedule="linear", objective="eps", data="cifar10", batch_size=256, lr=1e-4, min_lr=1e-4,
                    warmup_iters=0, max_iters=400000, weight_decay=0.0, grad_clip=0.0, ema=0.9999),
@@ -230,9 +231,10 @@ def unpatchify(x, p, C, H, W):
 
 
 def sincos_2d(dim, h, w):
-    """Fixed 2D sin-cos position embedding [h w, dim] (MAE, He et al. 2022, which DiT uses):
-    the first half of the channels encode the row, the second half the column, each as the
-    Transformer's 1D embedding of its index. dim must be a multiple of 4."""
+    """Fixed 2D sin-cos position embedding [h w, dim], after MAE's (He et al. 2022), which DiT
+    uses: the first half of the channels encode the row, the second half the column, each as
+    the Transformer's 1D embedding of its index (MAE puts the column first: the same
+    embedding up to a fixed permutation of channels). dim must be a multiple of 4."""
     quarter = dim // 4
     omega = 1 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
@@ -379,6 +381,8 @@ def check(cfg):
     """Every setting in its range, or a ValueError whose one line says which is not and why."""
     if cfg.arch not in ("unet", "dit"):
         raise ValueError(f"arch {cfg.arch!r}: choose unet or dit")
+    if cfg.arch == "dit" and cfg.dropout:
+        raise ValueError(f"dropout {cfg.dropout}: the DiT has none (Peebles & Xie train without it); use --dropout 0")
     if not cfg.mults or not all(1 <= m <= 64 for m in cfg.mults):
         raise ValueError(f"mults must list 1 or more multipliers in 1..64 (got {cfg.mults})")
     if not all(r >= 1 for r in cfg.attn_res):

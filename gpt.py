@@ -38,7 +38,8 @@ class Config:
                               # instead of learned positions (no wpe)
     norm: str = "layernorm"   # the blocks' and the head's norm: layernorm (GPT-2's) or rmsnorm (Zhang &
                               # Sennrich 2019)
-    norm_gain: bool = True    # learned per-feature gains in those norms (off: none, as in modded-nanogpt)
+    norm_gain: bool = True    # learned per-feature gains in those norms (off: none, as in modded-nanogpt;
+                              # a LayerNorm then has no bias either)
     qk_norm: bool = False     # RMSNorm, without gains, of each head's queries and keys before attention (as in
                               # nanochat and modded-nanogpt)
     activation: str = "gelu"  # the MLP's: gelu (GPT-2's tanh approximation) or relu2, ReLU squared (So et
@@ -162,8 +163,10 @@ class CausalSelfAttention(nn.Module):
             k, v = cache["k"][:, :, :pos + T], cache["v"][:, :, :pos + T]
         # A prefill (T == keys) needs the causal mask; one new token may see every key.
         causal = k.size(2) == T and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # enable_gqa only where keys are shared: the keyword is torch 2.5's, and requirements allow 2.4.
+        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+                                           **gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.c_proj(y))
 

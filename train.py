@@ -240,8 +240,8 @@ class Trainer:
         raw = (pretrained if pretrained is not None else new_model(module, mcfg, tcfg)).to(self.device)
         if source is not None:
             new = weights_from_run(raw, source, mcfg, tcfg.init_from)
-            self.say(f"--init-from {tcfg.init_from}: its weights" + (f", but {len(new)} tensors sized by the "
-                     f"classes, fresh ({', '.join(new[:3])}{', ...' if len(new) > 3 else ''})" if new else ""))
+            self.say(f"--init-from {tcfg.init_from}: its weights" + (f", but {len(new)} tensors it lacks or sizes "
+                     f"otherwise, fresh ({', '.join(new[:3])}{', ...' if len(new) > 3 else ''})" if new else ""))
         return raw
 
     def setup_players(self):

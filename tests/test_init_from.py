@@ -88,3 +88,15 @@ def test_data_that_does_not_fit_is_one_line(tmp_path, shared_data):
     with pytest.raises(cli.UsageError, match="holds a vae model, not gan"):
         train.main(["--model", "gan", "--data-dir", shared_data, "--init-from", f"{src}/ckpt.pt",
                     "--out-dir", str(tmp_path / "o2")])
+
+
+def test_tying_what_the_source_kept_apart_is_one_line(tmp_path, shared_data):
+    """An untied run's embedding and head are two matrices: a model that ties them into one
+    tensor cannot take both, and loading would silently keep whichever came last."""
+    (tmp_path / "c.txt").write_text("def f(x):\n    return x + 1\n" * 300)
+    corpus, src = ["--data", str(tmp_path / "c.txt")], str(tmp_path / "src")
+    run("gpt", src, *SMALL["gpt"], *corpus, "--no-tie-embeddings", "--max-iters", "2", "--eval-interval", "2",
+        data_dir=shared_data)
+    with pytest.raises(cli.UsageError, match="wte.weight and lm_head.weight differ, and this model ties them"):
+        run("gpt", str(tmp_path / "new"), *corpus, "--init-from", f"{src}/ckpt.pt", "--tie-embeddings",
+            "--max-iters", "1", data_dir=shared_data)
