@@ -11,6 +11,7 @@ import torch
 import bench
 import cli
 from cli import UsageError
+from test_bench import text_file  # the same small corpus
 
 
 def test_mean_standard_error_and_welch_against_hand_worked_numbers():
@@ -45,14 +46,6 @@ def test_welch_against_scipy_where_installed():
     assert t == pytest.approx(float(ref.statistic), rel=1e-12)
     if hasattr(ref, "df"):
         assert df == pytest.approx(float(ref.df), rel=1e-12)
-
-
-def text_file(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    words = ["def", "return", "self", "import", "class", "(", ")", ":"]
-    path = tmp_path / "corpus.txt"
-    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=g).tolist()))
-    return str(path)
 
 
 def tiny_gpt(tmp_path):
