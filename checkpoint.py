@@ -79,17 +79,17 @@ def strip_prefixes(state_dict):
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
 
 
-def upgrade(state, model):
-    """A state dict of an older layout in the current one: the U-Net's 1x1 convolutions
-    hold [out, in] matrices where older checkpoints stored [out, in, 1, 1] kernels."""
-    mine = model.state_dict()
+def upgrade(state, mine):
+    """A state dict of an older layout in the current one (`mine`, the model's own state
+    dict): the U-Net's 1x1 convolutions hold [out, in] matrices where older checkpoints
+    stored [out, in, 1, 1] kernels."""
     return {k: v.flatten(1) if torch.is_tensor(v) and v.dim() == 4 and v.shape[2:] == (1, 1) and k in mine
             and mine[k].shape == v.shape[:2] else v for k, v in state.items()}
 
 
 def load_state(model, state, name):
     try:
-        model.load_state_dict(upgrade(state, model))
+        model.load_state_dict(upgrade(state, model.state_dict()))
     except (RuntimeError, TypeError, AttributeError, ValueError) as e:  # not tensors, or not of this shape
         first = [line.strip() for line in str(e).splitlines() if line.strip()][1:2]
         raise UsageError(f"checkpoint does not fit this {name} model: {first[0] if first else e}")
@@ -215,7 +215,7 @@ def weights_from_run(model, source, mcfg, path):
             raise UsageError(f"--init-from {path}: its model has {k} {old[k]}, this data needs "
                              f"{getattr(mcfg, k)}; train on data of the same {k.replace('_', ' ')}")
     mine = model.state_dict()
-    state = upgrade(source["ema"] if isinstance(source.get("ema"), dict) else source["model"], model)
+    state = upgrade(source["ema"] if isinstance(source.get("ema"), dict) else source["model"], mine)
     fresh = [k for k in mine if k not in state or state[k].shape != mine[k].shape]
     if old.get("num_classes", 0) == getattr(mcfg, "num_classes", 0) and any(k in state for k in fresh):
         k = next(k for k in fresh if k in state)

@@ -953,7 +953,7 @@ def evaluate_checkpoint(args):
     ckpt = load_checkpoint(args.ckpt)
     module, model, tcfg, mcfg = build_from_checkpoint(ckpt, args.device, args.ckpt, args.model)
     model.eval()
-    name = ckpt["config"]["data"]["name"]
+    name, nll = ckpt["config"]["data"]["name"], hooks(model).nll
     args.data_dir = args.data_dir or tcfg.get("data_dir", "data")
     if ckpt["config"]["data"].get("kind") == "tokens":
         args.n, args.nll_n = args.n or 100, 1000 if args.nll_n is None else args.nll_n
@@ -974,12 +974,12 @@ def evaluate_checkpoint(args):
     try:
         rows, about = report(real, fake, train_set, splits, args, name)
     except UsageError as e:  # no feature network here (no labels, no Inception weights): bits/dim still
-        if not (hooks(model).nll is not None and args.nll_n):
+        if not (nll is not None and args.nll_n):
             raise
         rows, about = {}, f"none, so no FID, IS, KID, precision or recall: {e}"
     named = feature_network(args.features, splits, name) if rows else "none"
-    if hooks(model).nll is not None and splits["val"].info.kind == "image" and args.nll_n:
-        rows.update(bits_per_dim_row(hooks(model).nll, splits["val"], args))
+    if nll is not None and splits["val"].info.kind == "image" and args.nll_n:
+        rows.update(bits_per_dim_row(nll, splits["val"], args))
     sampler = ", ".join(f"{k} {v}" for k, v in kw.items())
     what = f"{args.n} samples of {args.ckpt}{f' ({sampler})' if sampler else ''} vs {len(real)} of {name} {args.against}"
     args.json = args.json or os.path.join(os.path.dirname(args.ckpt) or ".", f"metrics-{named}.json")

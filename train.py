@@ -184,7 +184,8 @@ class Trainer:
         self.out_dir = tcfg.out_dir or os.path.join("out", model_name(tcfg.model))
         self.ckpt_path = os.path.join(self.out_dir, "ckpt.pt")
         self.ckpt = ckpt = resume_from(tcfg, mcfg, given, self.ckpt_path)
-        check(tcfg)  # the settings a resumed checkpoint brought too
+        if ckpt is not None:
+            check(tcfg)  # the settings the checkpoint brought (main checked the flags)
         raw = self.raw = self.build_model(module, mcfg, given)
         self.hooks = h = hooks(raw)
         if tcfg.batch_size % h.batch_multiple:  # e.g. a GAN whose D judges packs of examples
@@ -193,7 +194,7 @@ class Trainer:
         self.dtype, race = run_dtype(tcfg, ckpt, raw, h, self.splits["train"], device, rank, ddp, self.say)
         self.ema = optim.EMA(raw, tcfg.ema) if tcfg.ema > 0 else None
         self.judge = self.ema.model if self.ema is not None else raw  # the weights evaluated and sampled
-        self.judge_hooks = hooks(self.judge)
+        self.judge_hooks = h if self.ema is None else hooks(self.judge)  # the hooks bound to the judge
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.optimizers = optim.make_optimizers(raw, h, tcfg)
         # Each step draws one global batch from a stream seeded alike on every process; process
